@@ -1,0 +1,97 @@
+"""How llama_cpp.server is launched, probed and diagnosed: the facts of llama-cpp-python 0.3.
+
+- It reads env vars named after its settings (HOST, PORT, MODEL, API_KEY, ...), and
+  HOST/PORT even beat --host/--port, so the child gets an allowlisted environment.
+- With interrupt_requests=true any queued request cuts a live stream short.
+- The port opens only once the model has loaded; /openapi.json needs no auth and
+  takes no lock, whereas /v1/models waits behind a running generation.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from runtime.settings import Settings
+
+SERVER_MODULE = "llama_cpp.server"
+READINESS_PATH = "/openapi.json"
+
+# Variables the backend may see. Everything else, above all HOST, PORT, MODEL and
+# API_KEY in any letter case, is dropped.
+_PASSED_NAMES = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+                           "USER", "LOGNAME", "LD_LIBRARY_PATH"})
+_PASSED_PREFIXES = ("CUDA_", "HIP_", "ROCR_", "GGML_", "OMP_", "LLAMA_CPP_LIB")
+
+
+def backend_command(settings: Settings, model_path: Path) -> list[str]:
+    """argv for llama_cpp.server; the API key is not here (it travels in the environment)."""
+    command = [
+        sys.executable, "-m", SERVER_MODULE,
+        "--model", str(model_path),
+        "--host", settings["LLAMA_SERVER_HOST"],
+        "--port", str(settings["LLAMA_SERVER_PORT"]),
+        # The gateway (or the client) owns queueing; a queued request must never cut a
+        # live stream short.
+        "--interrupt_requests", "false",
+    ]
+    optional = {
+        "--model_alias": settings["LLAMA_MODEL_ALIAS"] or None,
+        "--n_ctx": settings["LLAMA_N_CTX"],
+        "--n_threads": settings["LLAMA_N_THREADS"],
+        "--n_gpu_layers": settings["LLAMA_N_GPU_LAYERS"],
+    }
+    for flag, value in optional.items():
+        if value is not None:
+            command += [flag, str(value)]
+    return command + list(settings["LLAMA_EXTRA_ARGS"])
+
+
+def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    """A cleaned environment for the child, with the API key added."""
+    cleaned = {
+        name: value for name, value in environ.items()
+        if name in _PASSED_NAMES or name.startswith(_PASSED_PREFIXES)
+    }
+    if settings["LLAMA_API_KEY"]:
+        cleaned["API_KEY"] = settings["LLAMA_API_KEY"]
+    cleaned["PYTHONUNBUFFERED"] = "1"
+    return cleaned
+
+
+def is_answering(base_url: str, timeout: float = 1.0) -> bool:
+    """True if GET /openapi.json answers 200 (the model is loaded and the port is open)."""
+    host_port = base_url.removeprefix("http://")
+    connection = http.client.HTTPConnection(host_port, timeout=timeout)
+    try:
+        connection.request("GET", READINESS_PATH)
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
+
+
+_FAILURE_PATTERNS = (
+    (re.compile(r"address already in use|Errno 98", re.I),
+     "port {port} on {host} is already in use; stop what uses it or set LLAMA_SERVER_PORT"),
+    (re.compile(r"Failed to load model|gguf_init|invalid magic|failed to read", re.I),
+     "the model {model} could not be loaded (corrupt or not a GGUF file); "
+     "pull it again or choose another with ./console.sh use NAME"),
+    (re.compile(r"No such file or directory|does not exist", re.I),
+     "the model {model} does not exist; see ./console.sh models"),
+    (re.compile(r"No module named|ImportError", re.I),
+     "llama-cpp-python is not installed correctly; run runtime/install.sh"),
+)
+
+
+def explain_failure(log_tail: str, settings: Settings, model_path: Path) -> str:
+    """One line that says why the backend exited, judged from the end of its log."""
+    for pattern, message in _FAILURE_PATTERNS:
+        if pattern.search(log_tail):
+            return message.format(port=settings["LLAMA_SERVER_PORT"],
+                                  host=settings["LLAMA_SERVER_HOST"], model=model_path)
+    return "the backend exited during start-up; the end of its log follows"

@@ -1,0 +1,69 @@
+"""`console.sh info`: what the console knows, laid out for a bug report. Never raises."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+
+from runtime.settings import KEYS, ConfigError, Paths, Settings, load_settings
+from runtime.supervisor import BackendSupervisor
+
+SECRET_KEYS = frozenset({"LLAMA_API_KEY"})
+PACKAGES = ("llama-cpp-python", "huggingface_hub", "gguf", "aiohttp", "click")
+
+
+def render_info(paths: Paths) -> str:
+    """The whole report as text."""
+    sections = [_paths_section(paths), _versions_section()]
+    try:
+        settings = load_settings(paths)
+    except ConfigError as error:
+        sections.insert(0, f"configuration: INVALID: {error}")
+        return "\n\n".join(sections)
+    sections.insert(0, _config_section(settings))
+    sections.append(_backend_section(settings))
+    return "\n\n".join(sections)
+
+
+def _config_section(settings: Settings) -> str:
+    lines = ["configuration (value, then where it came from):"]
+    for key in KEYS:
+        value = settings[key.name]
+        if key.name in SECRET_KEYS:
+            value = "(set, hidden)" if value else "(empty)"
+        elif isinstance(value, tuple):
+            value = " ".join(value)
+        lines.append(f"  {key.name:<30} {'' if value is None else value!s:<34} "
+                     f"{settings.source_of(key.name)}")
+    return "\n".join(lines)
+
+
+def _paths_section(paths: Paths) -> str:
+    rows = {"root": paths.root, "config.env": paths.config_env, ".env": paths.dotenv,
+            "models": paths.models_dir, "logs": paths.logs_dir, "run": paths.run_dir,
+            "venv python": paths.venv_python}
+    lines = ["paths:"]
+    for label, path in rows.items():
+        lines.append(f"  {label:<12} {path}{'' if path.exists() else '  (missing)'}")
+    return "\n".join(lines)
+
+
+def _versions_section() -> str:
+    lines = [f"versions:\n  python       {platform.python_version()}"]
+    for package in PACKAGES:
+        try:
+            version = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            version = "not installed; run runtime/install.sh"
+        lines.append(f"  {package:<18} {version}")
+    return "\n".join(lines)
+
+
+def _backend_section(settings: Settings) -> str:
+    status = BackendSupervisor(settings).status()
+    lines = ["backend (llama_cpp.server):",
+             f"  url          {status.url}",
+             f"  state        {status.state}" + (f" ({status.detail})" if status.detail else "")]
+    if status.pid:
+        lines += [f"  pid          {status.pid}", f"  model        {status.model}"]
+    return "\n".join(lines)
