@@ -278,6 +278,8 @@ def pull(paths: Paths, repo: str, pattern: str | None) -> None:
     Example:
         ./console.sh pull bartowski/SmolLM2-360M-Instruct-GGUF '*Q4_K_M.gguf'
     """
+    # huggingface_hub otherwise sends telemetry to the endpoint; it reads this on import.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     from runtime.hub import HubError, pull_model
 
     try:

@@ -55,12 +55,11 @@ class RepoListing:
 def pull_model(
     repo_id: str, pattern: str | None, models_dir: Path, echo: Callable[[str], None] = print
 ) -> list[Path]:
-    """Download the GGUF file(s) of `repo_id` matching `pattern` into `models_dir`; return their paths."""
+    """Download the GGUF files of `repo_id` matching `pattern` into `models_dir`; return paths."""
     listing = list_repo_files(repo_id)
     if listing.is_cached:
         echo(f"hub unavailable (offline or unreachable): using the cached copy of {repo_id}")
     chosen = select_files(repo_id, listing.files, pattern)
-    models_dir.mkdir(parents=True, exist_ok=True)
     pulled = []
     for name in chosen:
         echo(f"pulling {name} from {repo_id}")
@@ -81,6 +80,11 @@ def list_repo_files(repo_id: str) -> RepoListing:
         if _status(error) >= 500:
             return _cached_listing_or_raise(repo_id, error)
         raise _http_error(repo_id, error) from error
+    except (ValueError, KeyError) as error:
+        # A 200 whose body is not model info: HF_ENDPOINT points at something else.
+        raise HubError(
+            f"{constants.ENDPOINT} did not answer like a Hugging Face hub; check HF_ENDPOINT"
+        ) from error
     files = [sibling.rfilename for sibling in info.siblings or []]
     return RepoListing(revision=info.sha or "main", files=files, is_cached=False)
 
@@ -129,14 +133,17 @@ def place_file(cached: Path, dest: Path) -> Path:
     """Put `cached` at `dest` under a temporary name, then rename, so `dest` is never partial."""
     source = cached.resolve()  # the cache's snapshot entry is a symlink to the blob
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.partial")
-    tmp.unlink(missing_ok=True)
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
         try:
             # A hard link costs no space or time; it fails across filesystems, so copy then.
             os.link(source, tmp)
         except OSError:
             shutil.copyfile(source, tmp)
         os.replace(tmp, dest)
+    except OSError as error:
+        raise HubError(f"cannot write {dest}: {error.strerror or error}") from error
     finally:
         tmp.unlink(missing_ok=True)
     return dest
@@ -160,7 +167,8 @@ def _cached_listing(repo_id: str) -> RepoListing | None:
             continue
         for revision in repo.revisions:
             if "main" in revision.refs:
-                files = [f.file_path.relative_to(revision.snapshot_path).as_posix() for f in revision.files]
+                snapshot = revision.snapshot_path
+                files = [f.file_path.relative_to(snapshot).as_posix() for f in revision.files]
                 return RepoListing(revision=revision.commit_hash, files=files, is_cached=True)
     return None
 
@@ -192,8 +200,7 @@ def _http_error(repo_id: str, error: HfHubHTTPError) -> HubError:
         return HubError(f"the hub refused the credentials for {where}; check HF_TOKEN")
     if isinstance(error, RepositoryNotFoundError) or status == 404:
         return HubError(
-            f"repo {where} not found; check the name (OWNER/NAME), "
-            "or set HF_TOKEN if it is private"
+            f"repo {where} not found; check the name (OWNER/NAME), or set HF_TOKEN if it is private"
         )
     return HubError(f"the hub answered HTTP {status} for {where}; try again later")
 

@@ -163,7 +163,8 @@ class BackendSupervisor:
                    str(self.settings["LLAMA_LOG_BACKUPS"])]
         # A session of its own, like the backend: the pump reads until the backend's
         # pipe closes, so it never outlives the backend (no orphan to track).
-        pump = subprocess.Popen(command, stdin=process.stdout, start_new_session=True)
+        pump = subprocess.Popen(command, stdin=process.stdout, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
         process.stdout.close()
         return pump
 

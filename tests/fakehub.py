@@ -28,6 +28,7 @@ class FakeHub:
     """Serves `repos` ({"owner/name": {"file.gguf": b"..."}}) on a free port of 127.0.0.1."""
 
     repos: dict[str, dict[str, bytes]]
+    gated: frozenset[str] = frozenset()  # repos that refuse everyone, as a gated hub repo does
     requests: list[SeenRequest] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -74,30 +75,35 @@ def _handler_for(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._send(404, b'{"error": "not found"}', {})
 
         def _model_info(self, repo_id: str) -> None:
-            files = hub.repos.get(repo_id)
-            if files is None:
-                return self._repo_not_found()
+            if self._is_refused(repo_id):
+                return
             info = {
                 "id": repo_id,
                 "sha": hub.commit_of(repo_id),
-                "siblings": [{"rfilename": name} for name in files],
+                "siblings": [{"rfilename": name} for name in hub.repos[repo_id]],
             }
             self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
 
         def _resolve(self, repo_id: str, filename: str, with_body: bool) -> None:
-            files = hub.repos.get(repo_id)
-            if files is None:
-                return self._repo_not_found()
+            if self._is_refused(repo_id):
+                return
             commit = {"X-Repo-Commit": hub.commit_of(repo_id)}
-            if filename not in files:
+            body = hub.repos[repo_id].get(filename)
+            if body is None:
                 return self._send(404, b"{}", {**commit, "X-Error-Code": "EntryNotFound"})
-            body = files[filename]
             etag = {"ETag": f'"{hashlib.sha256(body).hexdigest()}"'}
             self._send(200, body, {**commit, **etag}, with_body=with_body)
 
-        def _repo_not_found(self) -> None:
-            headers = {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"}
-            self._send(404, b'{"error": "Repository not found"}', headers)
+        def _is_refused(self, repo_id: str) -> bool:
+            """Answer as the hub does for a missing or gated repo; True if it did."""
+            if repo_id not in hub.repos:
+                headers = {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"}
+                self._send(404, b'{"error": "Repository not found"}', headers)
+            elif repo_id in hub.gated:
+                self._send(403, b'{"error": "gated"}', {"X-Error-Code": "GatedRepo"})
+            else:
+                return False
+            return True
 
         def _send(self, status: int, body: bytes, headers: dict, with_body: bool = True) -> None:
             self.send_response(status)

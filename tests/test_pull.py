@@ -20,6 +20,7 @@ from tests.fakehub import FakeHub
 CODE_DIR = Path(__file__).resolve().parent.parent
 REPO = "acme/tiny-GGUF"
 TWO_QUANTS = "acme/two-quants-GGUF"
+GATED = "acme/members-only-GGUF"
 PULL_TIMEOUT_SECONDS = 120
 
 
@@ -35,12 +36,13 @@ REPOS = {
         "two.Q8_0.gguf": gguf_payload("q8"),
         "config.json": b"{}",
     },
+    GATED: {"gated.Q4_0.gguf": gguf_payload("gated")},
 }
 
 
 @pytest.fixture
 def hub() -> Iterator[FakeHub]:
-    fake = FakeHub(REPOS).start()
+    fake = FakeHub(REPOS, gated=frozenset({GATED})).start()
     yield fake
     fake.stop()
 
@@ -55,7 +57,8 @@ def refused_url() -> Iterator[str]:
 
 def pull_env(root: Path, endpoint: str, **extra: str) -> dict[str, str]:
     """The operator's env without any HF settings, pointed at `endpoint` and a private cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "LLAMA"))}
+    leaky = ("HF_", "HUGGING", "TRANSFORMERS_", "TQDM_", "LLAMA")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(leaky)}
     env.update(LLAMAGATE_ROOT=str(root), HF_ENDPOINT=endpoint, HF_HOME=str(root / "hf"), **extra)
     return env
 
@@ -85,6 +88,14 @@ def test_pull_puts_the_file_into_models(tmp_path: Path, hub: FakeHub) -> None:
     # Only the finished file is there: no temporary or partial names left behind.
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny.Q4_K_M.gguf"]
     assert hub.downloads() == [f"/{REPO}/resolve/main/tiny.Q4_K_M.gguf"]
+
+
+def test_pull_shows_the_download_progress_bar_on_stderr(tmp_path: Path, hub: FakeHub) -> None:
+    # tqdm hides bars when stderr is not a tty; TQDM_POSITION=-1 makes huggingface_hub draw them.
+    result = run_pull(pull_env(tmp_path, hub.url, TQDM_POSITION="-1"), REPO)
+
+    assert result.returncode == 0, result.stderr
+    assert "tiny.Q4_K_M.gguf" in result.stderr and "100%" in result.stderr
 
 
 def test_pull_sends_hf_token_as_bearer(tmp_path: Path, hub: FakeHub) -> None:
@@ -182,3 +193,11 @@ def test_unknown_repo_gives_a_clear_error(tmp_path: Path, hub: FakeHub) -> None:
     [line] = error_lines(result)
     assert "acme/no-such-repo" in line and "not found" in line and "HF_TOKEN" in line
     assert "Traceback" not in result.stderr
+
+
+def test_gated_repo_suggests_hf_token(tmp_path: Path, hub: FakeHub) -> None:
+    result = run_pull(pull_env(tmp_path, hub.url), GATED)
+
+    assert result.returncode == 1
+    [line] = error_lines(result)
+    assert GATED in line and "HF_TOKEN" in line and "accept its terms" in line

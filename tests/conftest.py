@@ -1,0 +1,143 @@
+"""Shared fixtures: a private state root per test, free ports, and the console as a subprocess.
+
+Every test that runs the console points LLAMAGATE_ROOT at a temp dir, so the operator's
+runtime/ and models/ are never touched. The fallback model is hard-linked (or copied)
+from the checkout's models/, where the installer put it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from runtime.bootstrap import ensure_fallback_model
+from runtime.procs import read_pidfile
+from runtime.settings import CODE_DIR, FALLBACK_MODEL_NAME, KEY_NAMES
+
+TEST_API_KEY = "test-key-0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition"):
+    """Poll until condition() is truthy; fail the test with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def processes_matching(*needles: str) -> list[int]:
+    """Pids of live (non-zombie) processes whose command line contains every needle."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and all(needle in cmdline for needle in needles):
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class ConsoleHome:
+    """A private llamagate state root, and a way to run the console against it."""
+
+    root: Path
+    port: int
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def config_env(self) -> Path:
+        return self.root / "runtime" / "config.env"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def run(self, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "runtime", *args], cwd=CODE_DIR,
+                              env={**self.env, **env}, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def popen(self, *args: str, **env: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "runtime", *args], cwd=CODE_DIR,
+                                env={**self.env, **env}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    def backend_pid(self) -> int | None:
+        record = read_pidfile(self.root / "runtime" / "run" / "backend.pid")
+        return record.pid if record else None
+
+    def backend_pids(self) -> list[int]:
+        """Every llama_cpp.server process on this home's port, whatever the pid file says."""
+        return processes_matching("llama_cpp.server", f"--port {self.port}")
+
+    def log_pumps(self) -> list[int]:
+        return processes_matching("runtime.logpump", str(self.root))
+
+
+@pytest.fixture(scope="session")
+def fallback_model() -> Path:
+    return ensure_fallback_model(CODE_DIR / "models")
+
+
+def clean_environ() -> dict[str, str]:
+    """The test runner's environment without any llamagate keys that could leak in."""
+    return {k: v for k, v in os.environ.items()
+            if k not in KEY_NAMES and k not in ("LLAMAGATE_ROOT", "HOST", "PORT", "MODEL")}
+
+
+@pytest.fixture
+def home(tmp_path: Path, fallback_model: Path):
+    """A state root with the fallback model, on a free port; stops what it started."""
+    root = tmp_path / "home"
+    (root / "models").mkdir(parents=True)
+    link_or_copy(fallback_model, root / "models" / FALLBACK_MODEL_NAME)
+    console_home = ConsoleHome(root=root, port=free_port())
+    console_home.env = {**clean_environ(), "LLAMAGATE_ROOT": str(root),
+                        "LLAMA_SERVER_PORT": str(console_home.port),
+                        "LLAMA_API_KEY": TEST_API_KEY, "LLAMA_STOP_GRACE_SECONDS": "5"}
+    yield console_home
+    console_home.run("stop", timeout=60)
+    for pid in console_home.backend_pids():
+        os.kill(pid, 9)
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+@pytest.fixture
+def serving(home: ConsoleHome) -> ConsoleHome:
+    """A home whose backend has been started and answers."""
+    result = home.run("start")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return home
