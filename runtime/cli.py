@@ -183,7 +183,12 @@ def status(paths: Paths, as_json: bool) -> None:
         ./console.sh status && echo up
         ./console.sh status --json
     """
-    settings = load(paths)
+    try:
+        settings = load_settings(paths)
+    except ConfigError as error:
+        # Status must stay truthful even when the configuration is broken.
+        click.echo(f"warning: {error}", err=True)
+        settings = load_settings(paths, is_strict=False)
     backend = BackendSupervisor(settings).status()
     if as_json:
         click.echo(json.dumps({"state": backend.state, "backend": {

@@ -215,11 +215,16 @@ def load_settings(
     paths: Paths | None = None,
     flags: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
+    is_strict: bool = True,
 ) -> Settings:
-    """Merge every source by precedence and validate each value; raise ConfigError."""
+    """Merge every source by precedence and validate each value; raise ConfigError.
+
+    With is_strict=False, invalid values fall back to their defaults, so that read-only
+    commands (status) can still report the truth about a broken configuration.
+    """
     environ = os.environ if environ is None else environ
     paths = paths or paths_from_env(environ)
-    layers = _read_layers(paths, flags or {}, environ)
+    layers = _read_layers(paths, flags or {}, environ, is_strict)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for key in KEYS:
@@ -228,24 +233,31 @@ def load_settings(
             if key.name in layer:
                 raw, source = layer[key.name], layer_name
                 break
-        values[key.name] = _parse(key, raw, source)
+        try:
+            values[key.name] = _parse(key, raw, source)
+        except ConfigError:
+            if is_strict:
+                raise
+            raw, source = key.default, "default"
+            values[key.name] = _parse(key, raw, source)
         sources[key.name] = source
     return Settings(paths=paths, values=values, sources=sources)
 
 
 def _read_layers(
-    paths: Paths, flags: Mapping[str, str], environ: Mapping[str, str]
+    paths: Paths, flags: Mapping[str, str], environ: Mapping[str, str], is_strict: bool
 ) -> list[tuple[str, Mapping[str, str]]]:
     """The sources, highest precedence first."""
     config_values = _read_env_file(paths.config_env)
     unknown = sorted(set(config_values) - KEY_NAMES)
-    if unknown:
+    if unknown and is_strict:
         raise ConfigError(
             f"unknown key {unknown[0]} in {paths.config_env}; remove it or fix its spelling "
             f"(the keys are listed in .env.example)"
         )
     dotenv_known = {k: v for k, v in _read_env_file(paths.dotenv).items() if k in KEY_NAMES}
     environ_known = {k: v for k, v in environ.items() if k in KEY_NAMES}
+    config_values = {k: v for k, v in config_values.items() if k in KEY_NAMES}
     return [
         ("command-line flag", flags),
         ("environment", environ_known),

@@ -1,0 +1,118 @@
+"""runtime/bootstrap.py (the first config.env) and runtime/configfile.py (editing it)."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from runtime.bootstrap import ensure_config, render_config
+from runtime.configfile import set_config_value
+from runtime.settings import KEYS, Paths, load_settings
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.fixture
+def paths(tmp_path: Path) -> Paths:
+    return Paths(root=tmp_path / "root")
+
+
+def test_ensure_config_writes_config_env_with_mode_600(paths):
+    assert ensure_config(paths) is True
+    assert paths.config_env.is_file()
+    assert mode_of(paths.config_env) == 0o600
+
+
+def test_every_key_is_written_with_a_comment_just_before_it(paths):
+    ensure_config(paths)
+    lines = paths.config_env.read_text().splitlines()
+    for key in KEYS:
+        [index] = [i for i, line in enumerate(lines) if line.startswith(f"{key.name}=")]
+        assert lines[index - 1].startswith("# "), f"{key.name} has no comment above it"
+        assert len(lines[index - 1]) > len("# ") + 5
+
+
+def test_generated_api_key_is_long_and_differs_between_roots(tmp_path):
+    first, second = Paths(root=tmp_path / "a"), Paths(root=tmp_path / "b")
+    ensure_config(first)
+    ensure_config(second)
+    first_key = load_settings(first, {}, {})["LLAMA_API_KEY"]
+    second_key = load_settings(second, {}, {})["LLAMA_API_KEY"]
+    assert len(first_key) >= 32 and len(second_key) >= 32
+    assert first_key != second_key
+    assert load_settings(first, {}, {}).source_of("LLAMA_API_KEY") == str(first.config_env)
+
+
+def test_second_ensure_config_leaves_the_file_byte_for_byte_unchanged(paths):
+    ensure_config(paths)
+    before = paths.config_env.read_bytes()
+    assert ensure_config(paths) is False
+    assert paths.config_env.read_bytes() == before
+    assert mode_of(paths.config_env) == 0o600
+
+
+def test_ensure_config_never_overwrites_an_operators_file(paths):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text("LLAMA_SERVER_PORT=9001\n")
+    assert ensure_config(paths) is False
+    assert paths.config_env.read_text() == "LLAMA_SERVER_PORT=9001\n"
+
+
+def test_rendered_config_parses_back_to_the_defaults_with_the_key(paths):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text(render_config("my-api-key-0123456789"))
+    settings = load_settings(paths, {}, {})
+    assert settings["LLAMA_API_KEY"] == "my-api-key-0123456789"
+    defaults = load_settings(Paths(root=paths.root / "empty"), {}, {})
+    for key in KEYS:
+        assert settings.source_of(key.name) == str(paths.config_env)
+        if key.name != "LLAMA_API_KEY":
+            assert settings[key.name] == defaults[key.name], key.name
+
+
+@pytest.fixture
+def config_env(paths: Paths) -> Path:
+    ensure_config(paths)
+    return paths.config_env
+
+
+def comment_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith("#")]
+
+
+def test_set_config_value_replaces_an_existing_key_in_place(config_env):
+    before = config_env.read_text().splitlines()
+    set_config_value(config_env, "LLAMA_SERVER_PORT", "9123")
+    after = config_env.read_text().splitlines()
+    assert len(after) == len(before)
+    changed = [(old, new) for old, new in zip(before, after, strict=True) if old != new]
+    assert changed == [("LLAMA_SERVER_PORT=8000", "LLAMA_SERVER_PORT=9123")]
+    assert load_settings(Paths(root=config_env.parent.parent), {}, {})["LLAMA_SERVER_PORT"] == 9123
+
+
+def test_set_config_value_appends_a_missing_key(tmp_path):
+    path = tmp_path / "config.env"
+    path.write_text("# a comment\nLLAMA_SERVER_PORT=8000\n")
+    path.chmod(0o600)
+    set_config_value(path, "LLAMA_MODEL", "other.gguf")
+    assert path.read_text() == "# a comment\nLLAMA_SERVER_PORT=8000\nLLAMA_MODEL=other.gguf\n"
+
+
+def test_set_config_value_keeps_comments_and_mode_600(config_env):
+    comments = comment_lines(config_env)
+    set_config_value(config_env, "LLAMA_MODEL", "x.gguf")
+    set_config_value(config_env, "LLAMA_N_CTX", "1024")
+    assert comment_lines(config_env) == comments
+    assert mode_of(config_env) == 0o600
+    assert not list(config_env.parent.glob("*.tmp"))
+
+
+def test_set_config_value_does_not_touch_a_key_with_a_longer_name(tmp_path):
+    path = tmp_path / "config.env"
+    path.write_text("LLAMA_MODEL_ALIAS=alias\nLLAMA_MODEL=a.gguf\n")
+    set_config_value(path, "LLAMA_MODEL", "b.gguf")
+    assert path.read_text() == "LLAMA_MODEL_ALIAS=alias\nLLAMA_MODEL=b.gguf\n"

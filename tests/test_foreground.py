@@ -1,0 +1,68 @@
+"""start --foreground: supervision for systemd."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from conftest import wait_for
+
+
+def start_foreground(home, **env):
+    supervisor = home.popen("start", "--foreground", LLAMA_RESTART_BACKOFF_SECONDS="0.2", **env)
+    wait_for(lambda: home.run("status").returncode == 0 or supervisor.poll() is not None,
+             timeout=120, what="the foreground backend to serve")
+    assert supervisor.poll() is None, supervisor.stdout.read()
+    return supervisor
+
+
+def test_crashed_backend_is_restarted(home):
+    supervisor = start_foreground(home)
+    first = home.backend_pid()
+    os.kill(first, signal.SIGKILL)
+    wait_for(lambda: home.backend_pid() not in (None, first) and
+             home.run("status").returncode == 0, timeout=120, what="a restarted backend")
+    assert home.backend_pids() == [home.backend_pid()]
+    supervisor.send_signal(signal.SIGTERM)
+    output = supervisor.communicate(timeout=60)[0]
+    assert "restarting in" in output
+
+
+def test_sigterm_stops_the_backend_and_exits_0(home):
+    supervisor = start_foreground(home)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=60) == 0
+    assert home.backend_pids() == []
+    assert home.log_pumps() == []
+    assert home.run("status").returncode == 3
+
+
+def test_gives_up_after_repeated_crashes_with_a_clear_message(home):
+    supervisor = start_foreground(home, LLAMA_RESTART_MAX_CRASHES="3")
+    model = home.models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    # Replace the file (not its hard-linked contents) so every restart fails.
+    model.unlink()
+    model.write_bytes(b"not a model")
+    os.kill(home.backend_pid(), signal.SIGKILL)
+    assert supervisor.wait(timeout=120) != 0
+    output = supervisor.stdout.read()
+    assert "giving up" in output and "crashed 3 times" in output
+    assert home.backend_pids() == []
+
+
+def test_stop_command_stops_a_foreground_supervisor(home):
+    supervisor = start_foreground(home)
+    result = home.run("stop")
+    assert result.returncode == 0
+    assert supervisor.wait(timeout=60) == 0
+    assert home.backend_pids() == []
+
+
+def test_ensure_leaves_a_foreground_supervisor_in_charge(home):
+    supervisor = start_foreground(home)
+    pid = home.backend_pid()
+    result = home.run("ensure")
+    assert (result.returncode, result.stdout) == (0, "")
+    assert home.backend_pid() == pid
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=60) == 0
