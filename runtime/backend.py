@@ -76,6 +76,8 @@ def is_answering(base_url: str, timeout: float = 1.0) -> bool:
 
 
 _FAILURE_PATTERNS = (
+    (re.compile(r"unrecognized arguments: .*"),
+     "llama_cpp.server refused its flags ({match}); fix LLAMA_EXTRA_ARGS"),
     (re.compile(r"address already in use|Errno 98", re.I),
      "port {port} on {host} is already in use; stop what uses it or set LLAMA_SERVER_PORT"),
     (re.compile(r"Failed to load model|gguf_init|invalid magic|failed to read", re.I),
@@ -91,7 +93,9 @@ _FAILURE_PATTERNS = (
 def explain_failure(log_tail: str, settings: Settings, model_path: Path) -> str:
     """One line that says why the backend exited, judged from the end of its log."""
     for pattern, message in _FAILURE_PATTERNS:
-        if pattern.search(log_tail):
+        found = pattern.search(log_tail)
+        if found:
             return message.format(port=settings["LLAMA_SERVER_PORT"],
-                                  host=settings["LLAMA_SERVER_HOST"], model=model_path)
+                                  host=settings["LLAMA_SERVER_HOST"], model=model_path,
+                                  match=found.group(0))
     return "the backend exited during start-up; the end of its log follows"

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtime.lock import LOCK_NAME, console_lock
+from runtime.settings import CODE_DIR
 
 # Takes the lock, says "held", and keeps it until its stdin is closed.
 HOLDER = """
@@ -18,6 +19,16 @@ fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
 fcntl.flock(fd, fcntl.LOCK_EX)
 print("held", flush=True)
 sys.stdin.read()
+"""
+
+# The same, through console_lock itself (another console run).
+CONSOLE_HOLDER = """
+import sys
+from pathlib import Path
+from runtime.lock import console_lock
+with console_lock(Path(sys.argv[1]).parent) as is_locked:
+    print("held" if is_locked else "not held", flush=True)
+    sys.stdin.read()
 """
 
 # Tries the lock without waiting and prints whether it got it.
@@ -37,12 +48,13 @@ def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "runtime" / "run"
 
 
-@pytest.fixture
-def holder(run_dir: Path) -> Iterator[subprocess.Popen]:
+@pytest.fixture(params=[HOLDER, CONSOLE_HOLDER], ids=["flock", "console_lock"])
+def holder(request, run_dir: Path) -> Iterator[subprocess.Popen]:
     """Another process that holds the lock until it is released."""
     run_dir.mkdir(parents=True)
     process = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(run_dir / LOCK_NAME)],
+        [sys.executable, "-c", request.param, str(run_dir / LOCK_NAME)],
+        cwd=CODE_DIR,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
