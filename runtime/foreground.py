@@ -45,8 +45,9 @@ class ForegroundSupervisor:
         """Start, supervise and finally stop the backend; return the exit code."""
         signal.signal(signal.SIGTERM, self.handle_term)
         signal.signal(signal.SIGINT, self.handle_term)
-        write_pidfile(self.pidfile, PidRecord(pid=os.getpid(), marker="--foreground",
-                                              started_at=time.time()))
+        write_pidfile(
+            self.pidfile, PidRecord(pid=os.getpid(), marker="--foreground", started_at=time.time())
+        )
         try:
             process = self._launch(model_path)  # a first failure is not retried
             while not self.is_stop_requested:
@@ -83,10 +84,12 @@ class ForegroundSupervisor:
             delay = self._record_crash()
             if delay is None:
                 return None
-            self.echo(f"the backend exited with code {returncode}; restarting in {delay:.1f}s "
-                      f"(crash {len(self.crash_times)} of "
-                      f"{self.settings['LLAMA_RESTART_MAX_CRASHES']} allowed within "
-                      f"{self.settings['LLAMA_RESTART_WINDOW_SECONDS']:.0f}s)")
+            self.echo(
+                f"the backend exited with code {returncode}; restarting in {delay:.1f}s "
+                f"(crash {len(self.crash_times)} of "
+                f"{self.settings['LLAMA_RESTART_MAX_CRASHES']} allowed within "
+                f"{self.settings['LLAMA_RESTART_WINDOW_SECONDS']:.0f}s)"
+            )
             if not self._sleep(delay):
                 return None
             try:
@@ -103,9 +106,11 @@ class ForegroundSupervisor:
         self.crash_times = [t for t in self.crash_times if now - t < window] + [now]
         limit = self.settings["LLAMA_RESTART_MAX_CRASHES"]
         if len(self.crash_times) >= limit:
-            self.echo(f"error: giving up: the backend crashed {len(self.crash_times)} times "
-                      f"within {window:.0f}s; see ./console.sh logs, fix the cause, then start "
-                      f"again")
+            self.echo(
+                f"error: giving up: the backend crashed {len(self.crash_times)} times "
+                f"within {window:.0f}s; see ./console.sh logs, fix the cause, then start "
+                f"again"
+            )
             return None
         base = self.settings["LLAMA_RESTART_BACKOFF_SECONDS"]
         return min(base * 2 ** (len(self.crash_times) - 1), MAX_BACKOFF_SECONDS)

@@ -33,15 +33,23 @@ def _config_section(settings: Settings) -> str:
             value = "(set, hidden)" if value else "(empty)"
         elif isinstance(value, tuple):
             value = " ".join(value)
-        lines.append(f"  {key.name:<30} {'' if value is None else value!s:<34} "
-                     f"{settings.source_of(key.name)}")
+        lines.append(
+            f"  {key.name:<30} {'' if value is None else value!s:<34} "
+            f"{settings.source_of(key.name)}"
+        )
     return "\n".join(lines)
 
 
 def _paths_section(paths: Paths) -> str:
-    rows = {"root": paths.root, "config.env": paths.config_env, ".env": paths.dotenv,
-            "models": paths.models_dir, "logs": paths.logs_dir, "run": paths.run_dir,
-            "venv python": paths.venv_python}
+    rows = {
+        "root": paths.root,
+        "config.env": paths.config_env,
+        ".env": paths.dotenv,
+        "models": paths.models_dir,
+        "logs": paths.logs_dir,
+        "run": paths.run_dir,
+        "venv python": paths.venv_python,
+    }
     lines = ["paths:"]
     for label, path in rows.items():
         lines.append(f"  {label:<12} {path}{'' if path.exists() else '  (missing)'}")
@@ -61,9 +69,11 @@ def _versions_section() -> str:
 
 def _backend_section(settings: Settings) -> str:
     status = BackendSupervisor(settings).status()
-    lines = ["backend (llama_cpp.server):",
-             f"  url          {status.url}",
-             f"  state        {status.state}" + (f" ({status.detail})" if status.detail else "")]
+    lines = [
+        "backend (llama_cpp.server):",
+        f"  url          {status.url}",
+        f"  state        {status.state}" + (f" ({status.detail})" if status.detail else ""),
+    ]
     if status.pid:
         lines += [f"  pid          {status.pid}", f"  model        {status.model}"]
     return "\n".join(lines)

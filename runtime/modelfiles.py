@@ -58,8 +58,10 @@ def read_model_info(path: Path) -> ModelInfo:
         reader = GGUFReader(path, "r")
         fields = {name: _field_value(field) for name, field in reader.fields.items()}
     except (ValueError, IndexError, KeyError, OSError) as error:
-        raise ModelError(f"{path} is not a readable GGUF file ({error}); "
-                         f"download it again or remove it with ./console.sh rm") from None
+        raise ModelError(
+            f"{path} is not a readable GGUF file ({error}); "
+            f"download it again or remove it with ./console.sh rm"
+        ) from None
     architecture = str(fields.get("general.architecture", "unknown"))
     file_type = fields.get("general.file_type")
     try:
@@ -67,9 +69,13 @@ def read_model_info(path: Path) -> ModelInfo:
     except (TypeError, ValueError):
         quantization = "unknown"
     context = fields.get(f"{architecture}.context_length")
-    return ModelInfo(path=path, size_bytes=path.stat().st_size, architecture=architecture,
-                     quantization=quantization,
-                     context_length=int(context) if context is not None else None)
+    return ModelInfo(
+        path=path,
+        size_bytes=path.stat().st_size,
+        architecture=architecture,
+        quantization=quantization,
+        context_length=int(context) if context is not None else None,
+    )
 
 
 def _check_magic(path: Path) -> None:
@@ -79,8 +85,10 @@ def _check_magic(path: Path) -> None:
     except OSError as error:
         raise ModelError(f"cannot read model {path}: {error.strerror}") from None
     if magic != GGUF_MAGIC:
-        raise ModelError(f"{path} is not a GGUF file (it does not start with 'GGUF'); "
-                         f"download it again or remove it with ./console.sh rm")
+        raise ModelError(
+            f"{path} is not a GGUF file (it does not start with 'GGUF'); "
+            f"download it again or remove it with ./console.sh rm"
+        )
 
 
 def _field_value(field):

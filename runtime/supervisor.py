@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -51,8 +52,12 @@ class BackendStatus:
 class BackendSupervisor:
     """Starts, probes and stops llama_cpp.server; the pid file is the shared memory."""
 
-    def __init__(self, settings: Settings, environ: Mapping[str, str] | None = None,
-                 echo: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        environ: Mapping[str, str] | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
         self.settings = settings
         self.environ = os.environ if environ is None else environ
         self.echo = echo
@@ -68,17 +73,25 @@ class BackendSupervisor:
         record = read_pidfile(self.pidfile)
         if record is None:
             return BackendStatus(STOPPED, self.url)
-        known = dict(pid=record.pid, model=record.details.get("model"),
-                     started_at=record.started_at, url=record.details.get("url", self.url))
+        known = dict(
+            pid=record.pid,
+            model=record.details.get("model"),
+            started_at=record.started_at,
+            url=record.details.get("url", self.url),
+        )
         if not is_alive(record):
-            return BackendStatus(DEGRADED, **known,
-                                 detail=f"process {record.pid} has died; "
-                                        f"run ./console.sh ensure to start it again")
+            return BackendStatus(
+                DEGRADED,
+                **known,
+                detail=f"process {record.pid} has died; run ./console.sh ensure to start it again",
+            )
         if backend.is_answering(known["url"]):
             return BackendStatus(SERVING, **known)
-        return BackendStatus(DEGRADED, **known,
-                             detail=f"process {record.pid} runs but does not answer "
-                                    f"(still loading, or hung)")
+        return BackendStatus(
+            DEGRADED,
+            **known,
+            detail=f"process {record.pid} runs but does not answer (still loading, or hung)",
+        )
 
     def start(self, model_path: Path) -> BackendStatus:
         """Launch the backend and return once it answers; raise StartError otherwise."""
@@ -93,15 +106,23 @@ class BackendSupervisor:
         process = subprocess.Popen(
             backend.backend_command(self.settings, model_path),
             env=backend.backend_environment(self.settings, self.environ),
-            cwd=self.settings.paths.root, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.settings.paths.root,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         process.log_offset = log_offset  # type: ignore[attr-defined]
         process.log_pump = self._start_log_pump(process)  # type: ignore[attr-defined]
-        write_pidfile(self.pidfile, PidRecord(
-            pid=process.pid, marker=backend.SERVER_MODULE, started_at=time.time(),
-            details={"url": self.url, "model": str(model_path), "log": str(self.log_path)},
-        ))
+        write_pidfile(
+            self.pidfile,
+            PidRecord(
+                pid=process.pid,
+                marker=backend.SERVER_MODULE,
+                started_at=time.time(),
+                details={"url": self.url, "model": str(model_path), "log": str(self.log_path)},
+            ),
+        )
         return process
 
     def wait_until_ready(self, process: subprocess.Popen, model_path: Path) -> None:
@@ -115,14 +136,15 @@ class BackendSupervisor:
             if backend.is_answering(self.url, timeout=0.5):
                 return
             if time.monotonic() >= next_progress:
-                self.echo(f"still loading {model_path.name} "
-                          f"({time.monotonic() - started:.0f}s)...")
+                self.echo(f"still loading {model_path.name} ({time.monotonic() - started:.0f}s)...")
                 next_progress += 10
             time.sleep(0.1)
         self.stop()
         raise StartError(
             f"the backend did not answer on {self.url} within {timeout:.0f}s; raise "
-            f"LLAMA_START_TIMEOUT_SECONDS for a large model", self._read_log_tail(process))
+            f"LLAMA_START_TIMEOUT_SECONDS for a large model",
+            self._read_log_tail(process),
+        )
 
     def stop(self) -> bool:
         """Stop the backend (SIGTERM, grace, SIGKILL of its group); True if one was running."""
@@ -153,18 +175,30 @@ class BackendSupervisor:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            log.write(f"=== {stamp} llamagate: starting llama_cpp.server with "
-                      f"{model_path} on {self.url}\n".encode())
+            log.write(
+                f"=== {stamp} llamagate: starting llama_cpp.server with "
+                f"{model_path} on {self.url}\n".encode()
+            )
             return log.tell()
 
     def _start_log_pump(self, process: subprocess.Popen) -> subprocess.Popen:
-        command = [sys.executable, "-m", "runtime.logpump", str(self.log_path),
-                   str(self.settings["LLAMA_LOG_MAX_BYTES"]),
-                   str(self.settings["LLAMA_LOG_BACKUPS"])]
+        command = [
+            sys.executable,
+            "-m",
+            "runtime.logpump",
+            str(self.log_path),
+            str(self.settings["LLAMA_LOG_MAX_BYTES"]),
+            str(self.settings["LLAMA_LOG_BACKUPS"]),
+        ]
         # A session of its own, like the backend: the pump reads until the backend's
         # pipe closes, so it never outlives the backend (no orphan to track).
-        pump = subprocess.Popen(command, stdin=process.stdout, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        pump = subprocess.Popen(
+            command,
+            stdin=process.stdout,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         process.stdout.close()
         return pump
 
@@ -174,10 +208,8 @@ class BackendSupervisor:
         raise StartError(backend.explain_failure(tail, self.settings, model_path), tail)
 
     def _read_log_tail(self, process: subprocess.Popen) -> str:
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.log_pump.wait(timeout=5)  # type: ignore[attr-defined]
-        except subprocess.TimeoutExpired:
-            pass
         try:
             with open(self.log_path, "rb") as log:
                 size = log.seek(0, os.SEEK_END)

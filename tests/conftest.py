@@ -80,14 +80,24 @@ class ConsoleHome:
         return f"http://127.0.0.1:{self.port}"
 
     def run(self, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "runtime", *args], cwd=CODE_DIR,
-                              env={**self.env, **env}, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "runtime", *args],
+            cwd=CODE_DIR,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def popen(self, *args: str, **env: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "runtime", *args], cwd=CODE_DIR,
-                                env={**self.env, **env}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "runtime", *args],
+            cwd=CODE_DIR,
+            env={**self.env, **env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def backend_pid(self) -> int | None:
         record = read_pidfile(self.root / "runtime" / "run" / "backend.pid")
@@ -108,8 +118,11 @@ def fallback_model() -> Path:
 
 def clean_environ() -> dict[str, str]:
     """The test runner's environment without any llamagate keys that could leak in."""
-    return {k: v for k, v in os.environ.items()
-            if k not in KEY_NAMES and k not in ("LLAMAGATE_ROOT", "HOST", "PORT", "MODEL")}
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k not in KEY_NAMES and k not in ("LLAMAGATE_ROOT", "HOST", "PORT", "MODEL")
+    }
 
 
 @pytest.fixture
@@ -119,9 +132,13 @@ def home(tmp_path: Path, fallback_model: Path):
     (root / "models").mkdir(parents=True)
     link_or_copy(fallback_model, root / "models" / FALLBACK_MODEL_NAME)
     console_home = ConsoleHome(root=root, port=free_port())
-    console_home.env = {**clean_environ(), "LLAMAGATE_ROOT": str(root),
-                        "LLAMA_SERVER_PORT": str(console_home.port),
-                        "LLAMA_API_KEY": TEST_API_KEY, "LLAMA_STOP_GRACE_SECONDS": "5"}
+    console_home.env = {
+        **clean_environ(),
+        "LLAMAGATE_ROOT": str(root),
+        "LLAMA_SERVER_PORT": str(console_home.port),
+        "LLAMA_API_KEY": TEST_API_KEY,
+        "LLAMA_STOP_GRACE_SECONDS": "5",
+    }
     yield console_home
     console_home.run("stop", timeout=60)
     for pid in console_home.backend_pids():

@@ -122,19 +122,20 @@ def run_without_a_terminal(home, *args: str, is_stdin_closed: bool):
     )
 
 
-def test_rm_without_yes_and_with_stdin_at_eof_deletes_nothing(home):
+@pytest.mark.parametrize("is_stdin_closed", [False, True])
+def test_rm_without_yes_and_without_a_terminal_deletes_nothing(home, is_stdin_closed):
     second = add_second_model(home)
-    result = run_without_a_terminal(home, "rm", "second.gguf", is_stdin_closed=False)
-    assert result.returncode != 0
-    assert second.is_file()
+    result = run_without_a_terminal(home, "rm", "second.gguf", is_stdin_closed=is_stdin_closed)
+    assert result.returncode == 2
+    assert "pass -y" in result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_rm_without_yes_and_with_stdin_closed_deletes_nothing(home):
-    second = add_second_model(home)
-    result = run_without_a_terminal(home, "rm", "second.gguf", is_stdin_closed=True)
-    assert result.returncode != 0
     assert second.is_file()
+
+
+def test_use_with_an_unknown_model_on_a_fresh_root_writes_no_config(home):
+    result = home.run("use", "nosuch")
+    assert result.returncode == 2
+    assert not home.config_env.exists()
 
 
 def test_status_exits_3_when_nothing_runs(home):

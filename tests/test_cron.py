@@ -56,10 +56,18 @@ def test_ensure_exits_quietly_while_another_run_holds_the_lock(home):
 
 def test_cron_helper_logs_to_cron_log_and_starts_the_backend(home):
     # Like cron: a minimal environment and a different working directory.
-    env = {key: home.env[key] for key in ("LLAMAGATE_ROOT", "LLAMA_SERVER_PORT",
-                                          "LLAMA_API_KEY", "HOME")}
-    result = subprocess.run([str(CODE_DIR / "bin" / "cron_ensure.sh")], env=env, cwd="/",
-                            capture_output=True, text=True, timeout=300)
+    env = {
+        key: home.env[key]
+        for key in ("LLAMAGATE_ROOT", "LLAMA_SERVER_PORT", "LLAMA_API_KEY", "HOME")
+    }
+    result = subprocess.run(
+        [str(CODE_DIR / "bin" / "cron_ensure.sh")],
+        env=env,
+        cwd="/",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert "serving" in (home.root / "runtime" / "logs" / "cron.log").read_text()
     assert home.run("status").returncode == 0

@@ -10,8 +10,11 @@ from conftest import wait_for
 
 def start_foreground(home, **env):
     supervisor = home.popen("start", "--foreground", LLAMA_RESTART_BACKOFF_SECONDS="0.2", **env)
-    wait_for(lambda: home.run("status").returncode == 0 or supervisor.poll() is not None,
-             timeout=120, what="the foreground backend to serve")
+    wait_for(
+        lambda: home.run("status").returncode == 0 or supervisor.poll() is not None,
+        timeout=120,
+        what="the foreground backend to serve",
+    )
     assert supervisor.poll() is None, supervisor.stdout.read()
     return supervisor
 
@@ -20,8 +23,11 @@ def test_crashed_backend_is_restarted(home):
     supervisor = start_foreground(home)
     first = home.backend_pid()
     os.kill(first, signal.SIGKILL)
-    wait_for(lambda: home.backend_pid() not in (None, first) and
-             home.run("status").returncode == 0, timeout=120, what="a restarted backend")
+    wait_for(
+        lambda: home.backend_pid() not in (None, first) and home.run("status").returncode == 0,
+        timeout=120,
+        what="a restarted backend",
+    )
     assert home.backend_pids() == [home.backend_pid()]
     supervisor.send_signal(signal.SIGTERM)
     output = supervisor.communicate(timeout=60)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import openai
 import pytest
@@ -17,14 +18,16 @@ def client(home, api_key: str = TEST_API_KEY) -> openai.OpenAI:
 
 def test_chat_completion_succeeds_with_the_key(serving):
     reply = client(serving).chat.completions.create(
-        model="any", messages=MESSAGES, max_tokens=8, seed=1)
+        model="any", messages=MESSAGES, max_tokens=8, seed=1
+    )
     assert reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0
 
 
 def test_streamed_chat_completion_succeeds_with_the_key(serving):
     stream = client(serving).chat.completions.create(
-        model="any", messages=MESSAGES, max_tokens=8, seed=1, stream=True)
+        model="any", messages=MESSAGES, max_tokens=8, seed=1, stream=True
+    )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert len(pieces) > 1
     assert "".join(pieces)
@@ -34,7 +37,8 @@ def test_streamed_chat_completion_succeeds_with_the_key(serving):
 def test_requests_without_the_key_get_401(serving, api_key):
     with pytest.raises(openai.AuthenticationError) as refused:
         client(serving, api_key or "none").chat.completions.create(
-            model="any", messages=MESSAGES, max_tokens=4)
+            model="any", messages=MESSAGES, max_tokens=4
+        )
     assert refused.value.status_code == 401
 
 
@@ -42,12 +46,15 @@ def test_async_streaming_client_works(serving):
     import asyncio
 
     async def collect() -> str:
-        async_client = openai.AsyncOpenAI(base_url=f"{serving.url}/v1", api_key=TEST_API_KEY,
-                                          max_retries=0)
+        async_client = openai.AsyncOpenAI(
+            base_url=f"{serving.url}/v1", api_key=TEST_API_KEY, max_retries=0
+        )
         stream = await async_client.chat.completions.create(
-            model="any", messages=MESSAGES, max_tokens=8, stream=True)
-        text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream
-                        if chunk.choices])
+            model="any", messages=MESSAGES, max_tokens=8, stream=True
+        )
+        text = "".join(
+            [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+        )
         await async_client.close()
         return text
 
@@ -83,17 +90,22 @@ def test_readiness_probes_openapi_never_v1_models(serving):
 
 def test_backend_ignores_host_port_model_and_api_key_from_the_environment(home):
     # llama_cpp.server would obey these over its flags; the supervisor must not pass them on.
-    result = home.run("start", HOST="0.0.0.0", PORT="1", MODEL="/nonexistent.gguf",
-                      API_KEY="leaked", api_key="leaked")
+    result = home.run(
+        "start",
+        HOST="0.0.0.0",
+        PORT="1",
+        MODEL="/nonexistent.gguf",
+        API_KEY="leaked",
+        api_key="leaked",
+    )
     assert result.returncode == 0, result.stderr
     reply = client(home).chat.completions.create(model="any", messages=MESSAGES, max_tokens=2)
     assert reply.choices
     with pytest.raises(openai.AuthenticationError):
-        client(home, "leaked").chat.completions.create(model="any", messages=MESSAGES,
-                                                      max_tokens=2)
+        client(home, "leaked").chat.completions.create(model="any", messages=MESSAGES, max_tokens=2)
 
 
 def test_api_key_is_not_on_the_command_line(serving):
-    cmdline = open(f"/proc/{serving.backend_pid()}/cmdline", "rb").read().decode()
+    cmdline = Path(f"/proc/{serving.backend_pid()}/cmdline").read_bytes().decode()
     assert "--interrupt_requests\0false" in cmdline
     assert TEST_API_KEY not in cmdline

@@ -15,8 +15,16 @@ def test_pid_file_naming_another_program_is_not_trusted(home):
     try:
         pidfile = home.root / "runtime" / "run" / "backend.pid"
         pidfile.parent.mkdir(parents=True)
-        pidfile.write_text(json.dumps({"pid": stranger.pid, "marker": "llama_cpp.server",
-                                       "started_at": time.time(), "details": {}}))
+        pidfile.write_text(
+            json.dumps(
+                {
+                    "pid": stranger.pid,
+                    "marker": "llama_cpp.server",
+                    "started_at": time.time(),
+                    "details": {},
+                }
+            )
+        )
         assert home.run("status").returncode == 1
         assert home.run("stop").returncode == 0
         assert stranger.poll() is None, "stop killed a process that was not the backend"
@@ -49,8 +57,9 @@ def test_installer_is_idempotent():
     # a second run must change nothing and say it is done.
     config = CODE_DIR / "runtime" / "config.env"
     before = config.read_bytes()
-    result = subprocess.run([str(CODE_DIR / "runtime" / "install.sh")], capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [str(CODE_DIR / "runtime" / "install.sh")], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "install: done"
     assert "installing llamagate" not in result.stdout and "creating" not in result.stdout
