@@ -9,7 +9,9 @@ install_stamp="$repo_dir/runtime/.venv/.llamagate-installed"
 
 # The stamp holds the checksum of pyproject.toml, so a changed dependency list reinstalls.
 if [[ ! -x "$venv_python" || "$(cat "$install_stamp" 2>/dev/null)" != "$(sha256sum "$repo_dir/pyproject.toml" | cut -d' ' -f1)" ]]; then
-    "$repo_dir/runtime/install.sh" >&2
+    # flock: overlapping cron runs must not build the venv twice at once; the installer
+    # skips what the first run finished.
+    flock "$repo_dir/runtime/.install.lock" "$repo_dir/runtime/install.sh" >&2
 fi
 
 cd "$repo_dir"

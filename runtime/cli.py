@@ -49,6 +49,15 @@ def load(paths: Paths, model: str | None = None, *, is_writing: bool = False) ->
         raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
 
 
+def load_leniently(paths: Paths) -> Settings:
+    """Settings for status and stop, which must work even when the configuration is broken."""
+    try:
+        return load_settings(paths)
+    except ConfigError as error:
+        click.echo(f"warning: {error}", err=True)
+        return load_settings(paths, is_strict=False)
+
+
 def wait_message(paths: Paths):
     return lambda: click.echo(
         f"waiting for another console run to finish ({paths.run_dir / 'console.lock'})...", err=True
@@ -149,9 +158,18 @@ def stop(paths: Paths) -> None:
     Example:
         ./console.sh stop
     """
-    settings = load(paths)
-    with console_lock(paths.run_dir, on_wait=wait_message(paths)):
-        was_running = service.stop(settings, click.echo)
+    settings = load_leniently(paths)
+    if service.is_foreground_running(settings):
+        # Not under the lock: the supervisor takes the lock itself while it relaunches.
+        was_running = service.stop_foreground(settings, click.echo)
+        if not was_running:
+            raise ConsoleError(
+                "the foreground supervisor did not stop in time; see "
+                "./console.sh logs, or stop it through systemd"
+            )
+    else:
+        with console_lock(paths.run_dir, on_wait=wait_message(paths)):
+            was_running = service.stop(settings, click.echo)
     click.echo("stopped" if was_running else "not running; nothing to stop")
 
 
@@ -190,12 +208,7 @@ def status(paths: Paths, as_json: bool) -> None:
         ./console.sh status && echo up
         ./console.sh status --json
     """
-    try:
-        settings = load_settings(paths)
-    except ConfigError as error:
-        # Status must stay truthful even when the configuration is broken.
-        click.echo(f"warning: {error}", err=True)
-        settings = load_settings(paths, is_strict=False)
+    settings = load_leniently(paths)
     backend = BackendSupervisor(settings).status()
     if as_json:
         click.echo(
@@ -291,9 +304,16 @@ def models(paths: Paths) -> None:
 
 
 def active_model(settings: Settings) -> Path | None:
+    """The model being served, or else the configured one."""
+    return served_model(settings) or configured_model(settings)
+
+
+def served_model(settings: Settings) -> Path | None:
     status = BackendSupervisor(settings).status()
-    if status.model and status.state == SERVING:
-        return Path(status.model).resolve()
+    return Path(status.model).resolve() if status.model and status.pid else None
+
+
+def configured_model(settings: Settings) -> Path | None:
     try:
         return resolve_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
     except ModelError:
@@ -348,10 +368,10 @@ def rm(paths: Paths, name: str, yes: bool) -> None:
                 f"{path} is outside {paths.models_dir}; rm only removes models from there",
                 EXIT_BAD_INPUT,
             )
-        status = BackendSupervisor(settings).status()
-        if status.model and os.path.realpath(status.model) == str(path):
+        if path in (served_model(settings), configured_model(settings)):
             raise ConsoleError(
-                f"{path.name} is being served; ./console.sh use another model and restart first",
+                f"{path.name} is the configured or served model; ./console.sh use another "
+                f"model (and restart) first",
                 EXIT_BAD_INPUT,
             )
         if not yes and not (sys.stdin and sys.stdin.isatty()):

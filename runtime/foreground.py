@@ -56,16 +56,23 @@ class ForegroundSupervisor:
                     break
                 process = self._recover(returncode)
                 if process is None:
-                    return EXIT_GAVE_UP
+                    return 0 if self.is_stop_requested else EXIT_GAVE_UP
             return 0
+        except StartError:
+            if self.is_stop_requested:
+                return 0
+            raise
         finally:
             self.backend.stop()
             remove_pidfile(self.pidfile)
 
     def _launch(self, model_path: Path) -> subprocess.Popen:
         with console_lock(self.settings.paths.run_dir):
+            self.backend.check_port_free()
             process = self.backend.launch(model_path)
-            self.backend.wait_until_ready(process, model_path)
+            self.backend.wait_until_ready(
+                process, model_path, is_cancelled=lambda: self.is_stop_requested
+            )
         self.echo(f"serving {model_path.name} at {self.backend.url} (pid {process.pid})")
         return process
 
@@ -124,10 +131,10 @@ class ForegroundSupervisor:
 
 
 def stop_foreground(record: PidRecord, settings: Settings, echo: Callable[[str], None]) -> bool:
-    """Ask a foreground supervisor to stop, and wait until it has stopped its backend."""
+    """Ask a foreground supervisor to stop; False if it is still running after the wait."""
     echo(f"stopping the foreground supervisor (pid {record.pid})")
     os.kill(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + settings["LLAMA_STOP_GRACE_SECONDS"] + 10
     while is_alive(record) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return True
+    return not is_alive(record)

@@ -1,7 +1,8 @@
 """Copy a child's output into a log file that is rotated by size.
 
 Run as `python -m runtime.logpump PATH MAX_BYTES BACKUPS` with the child's stdout on
-stdin. It lives in the child's process group and exits when the child closes the pipe.
+stdin. It runs in a session of its own and exits when the child closes the pipe, so it
+never outlives the child.
 """
 
 from __future__ import annotations

@@ -56,13 +56,16 @@ def start(settings: Settings, echo: Callable[[str], None]) -> StartResult:
 
 
 def stop(settings: Settings, echo: Callable[[str], None]) -> bool:
-    """Stop the foreground supervisor if one runs, else the backend; True if anything ran."""
-    foreground = read_pidfile(settings.paths.run_dir / FOREGROUND_PIDFILE)
-    if foreground is not None and is_alive(foreground):
-        from runtime.foreground import stop_foreground
-
-        return stop_foreground(foreground, settings, echo)
+    """Stop the backend; True if one was running."""
     return BackendSupervisor(settings, echo=echo).stop()
+
+
+def stop_foreground(settings: Settings, echo: Callable[[str], None]) -> bool:
+    """Ask a running foreground supervisor to stop everything; True once it has."""
+    from runtime.foreground import stop_foreground as signal_and_wait
+
+    record = read_pidfile(settings.paths.run_dir / FOREGROUND_PIDFILE)
+    return record is not None and signal_and_wait(record, settings, echo)
 
 
 def restart(settings: Settings, echo: Callable[[str], None]) -> StartResult:

@@ -95,7 +95,7 @@ class BackendSupervisor:
 
     def start(self, model_path: Path) -> BackendStatus:
         """Launch the backend and return once it answers; raise StartError otherwise."""
-        self._check_port_free()
+        self.check_port_free()
         process = self.launch(model_path)
         self.wait_until_ready(process, model_path)
         return self.status()
@@ -125,12 +125,17 @@ class BackendSupervisor:
         )
         return process
 
-    def wait_until_ready(self, process: subprocess.Popen, model_path: Path) -> None:
+    def wait_until_ready(
+        self,
+        process: subprocess.Popen,
+        model_path: Path,
+        is_cancelled: Callable[[], bool] = lambda: False,
+    ) -> None:
         """Poll /openapi.json until it answers, the process exits, or the timeout passes."""
         timeout = self.settings["LLAMA_START_TIMEOUT_SECONDS"]
         started = time.monotonic()
         next_progress = started + 10
-        while time.monotonic() - started < timeout:
+        while time.monotonic() - started < timeout and not is_cancelled():
             if process.poll() is not None:
                 self._fail_start(process, model_path)
             if backend.is_answering(self.url, timeout=0.5):
@@ -140,6 +145,8 @@ class BackendSupervisor:
                 next_progress += 10
             time.sleep(0.1)
         self.stop()
+        if is_cancelled():
+            raise StartError("start cancelled: a stop was requested while the model loaded")
         raise StartError(
             f"the backend did not answer on {self.url} within {timeout:.0f}s; raise "
             f"LLAMA_START_TIMEOUT_SECONDS for a large model",
@@ -157,7 +164,7 @@ class BackendSupervisor:
         remove_pidfile(self.pidfile)
         return was_running
 
-    def _check_port_free(self) -> None:
+    def check_port_free(self) -> None:
         host, port = self.settings["LLAMA_SERVER_HOST"], self.settings["LLAMA_SERVER_PORT"]
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:

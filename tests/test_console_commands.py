@@ -101,6 +101,14 @@ def test_rm_with_yes_removes_the_model_file(home):
     assert (home.models_dir / FALLBACK_MODEL_NAME).is_file()
 
 
+def test_rm_refuses_the_configured_model(home):
+    result = home.run("rm", FALLBACK_MODEL_NAME, "-y")
+    assert result.returncode == 2
+    [line] = error_lines(result)
+    assert "configured or served" in line
+    assert (home.models_dir / FALLBACK_MODEL_NAME).is_file()
+
+
 def test_rm_of_an_unknown_model_exits_2(home):
     result = home.run("rm", "no-such-model.gguf", "-y")
     assert result.returncode == 2

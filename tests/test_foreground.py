@@ -64,6 +64,15 @@ def test_stop_command_stops_a_foreground_supervisor(home):
     assert home.backend_pids() == []
 
 
+def test_stop_command_works_even_with_a_broken_config(home):
+    supervisor = start_foreground(home)
+    result = home.run("stop", LLAMA_N_CTX="lots")
+    assert result.returncode == 0, result.stderr
+    assert "LLAMA_N_CTX" in result.stderr
+    assert supervisor.wait(timeout=60) == 0
+    assert home.backend_pids() == []
+
+
 def test_ensure_leaves_a_foreground_supervisor_in_charge(home):
     supervisor = start_foreground(home)
     pid = home.backend_pid()
