@@ -11,67 +11,25 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import click
 
-from runtime import bootstrap, service
+from runtime import cli_models, service
+from runtime.cli_support import (
+    EXIT_FAILURE,
+    EXIT_STOPPED,
+    ConsoleError,
+    load,
+    load_leniently,
+    start_failure,
+    wait_message,
+)
 from runtime.lock import console_lock
-from runtime.modelfiles import ModelError, list_model_files, read_model_info, resolve_model
-from runtime.settings import ConfigError, Paths, Settings, load_settings, paths_from_env
+from runtime.modelfiles import ModelError
+from runtime.settings import ConfigError, Paths, Settings, paths_from_env
 from runtime.supervisor import SERVING, STOPPED, BackendSupervisor, StartError
 
-EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 3
 STATUS_EXIT_CODES = {SERVING: 0, STOPPED: EXIT_STOPPED}
-
-
-class ConsoleError(click.ClickException):
-    """A message for the operator, with the exit code that goes with it."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE, detail: str = "") -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-        self.detail = detail
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-        if self.detail:
-            click.echo(self.detail, err=True)
-
-
-def load(paths: Paths, model: str | None = None, *, is_writing: bool = False) -> Settings:
-    """Settings for a command; mutating commands first create config.env if it is missing."""
-    if is_writing:
-        bootstrap.ensure_config(paths)
-    try:
-        return load_settings(paths, flags={"LLAMA_MODEL": model} if model else {})
-    except ConfigError as error:
-        raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
-
-
-def load_leniently(paths: Paths) -> Settings:
-    """Settings for status and stop, which must work even when the configuration is broken."""
-    try:
-        return load_settings(paths)
-    except ConfigError as error:
-        click.echo(f"warning: {error}", err=True)
-        return load_settings(paths, is_strict=False)
-
-
-def wait_message(paths: Paths):
-    return lambda: click.echo(
-        f"waiting for another console run to finish ({paths.run_dir / 'console.lock'})...", err=True
-    )
-
-
-def start_failure(error: Exception, settings: Settings) -> ConsoleError:
-    """Turn a domain error from starting into one line (plus the log's tail)."""
-    if isinstance(error, ConfigError | ModelError):
-        return ConsoleError(str(error), EXIT_BAD_INPUT)
-    log = settings.paths.logs_dir / "backend.log"
-    tail = getattr(error, "log_tail", "")
-    detail = f"--- last lines of {log} ---\n{tail}" if tail else ""
-    return ConsoleError(str(error), EXIT_FAILURE, detail)
 
 
 def report_started(result: service.StartResult) -> None:
@@ -270,151 +228,6 @@ def logs(paths: Paths, component: str, follow: bool, lines: int) -> None:
 
 @cli.command()
 @click.pass_obj
-def models(paths: Paths) -> None:
-    """List the GGUF files in models/ with their metadata; * marks the active one.
-
-    The active model is the one the backend serves, or else the configured LLAMA_MODEL.
-
-    \b
-    Example:
-        ./console.sh models
-    """
-    settings = load(paths)
-    files = list_model_files(paths.models_dir)
-    if not files:
-        click.echo(
-            f"no models in {paths.models_dir}; run runtime/install.sh for the fallback "
-            f"model, or ./console.sh pull REPO"
-        )
-        return
-    active = active_model(settings)
-    click.echo(f"  {'NAME':<40} {'SIZE':>9}  {'ARCH':<10} {'QUANT':<8} {'CONTEXT':>7}")
-    for path in files:
-        marker = "*" if path.resolve() == active else " "
-        try:
-            info = read_model_info(path)
-        except ModelError as error:
-            click.echo(f"{marker} {path.name:<40} unreadable: {error}")
-            continue
-        context = info.context_length if info.context_length is not None else "?"
-        click.echo(
-            f"{marker} {info.name:<40} {info.size_bytes / 1e6:>6.0f} MB  "
-            f"{info.architecture:<10} {info.quantization:<8} {context:>7}"
-        )
-
-
-def active_model(settings: Settings) -> Path | None:
-    """The model being served, or else the configured one."""
-    return served_model(settings) or configured_model(settings)
-
-
-def served_model(settings: Settings) -> Path | None:
-    status = BackendSupervisor(settings).status()
-    return Path(status.model).resolve() if status.model and status.pid else None
-
-
-def configured_model(settings: Settings) -> Path | None:
-    try:
-        return resolve_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
-    except ModelError:
-        return None
-
-
-@cli.command()
-@click.argument("repo")
-@click.argument("pattern", required=False)
-@click.pass_obj
-def pull(paths: Paths, repo: str, pattern: str | None) -> None:
-    """Download a GGUF model from a Hugging Face repo into models/.
-
-    PATTERN picks files when the repo has several (a glob). HF_TOKEN is honoured for
-    gated repos, HF_ENDPOINT for a mirror, and HF_HUB_OFFLINE=1 uses only the cache.
-
-    \b
-    Example:
-        ./console.sh pull bartowski/SmolLM2-360M-Instruct-GGUF '*Q4_K_M.gguf'
-    """
-    # huggingface_hub otherwise sends telemetry to the endpoint; it reads this on import.
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    from runtime.hub import HubError, pull_model
-
-    try:
-        pulled = pull_model(repo, pattern, paths.models_dir, echo=click.echo)
-    except HubError as error:
-        raise ConsoleError(str(error)) from None
-    for path in pulled:
-        click.echo(f"pulled {path}")
-
-
-@cli.command()
-@click.argument("name")
-@click.option("-y", "--yes", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_obj
-def rm(paths: Paths, name: str, yes: bool) -> None:
-    """Remove a model file from models/. The model being served cannot be removed.
-
-    \b
-    Example:
-        ./console.sh rm old-model.Q8_0.gguf -y
-    """
-    settings = load(paths)
-    with console_lock(paths.run_dir, on_wait=wait_message(paths)):
-        try:
-            path = resolve_model(name, paths.models_dir)
-        except ModelError as error:
-            raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
-        if path.parent != paths.models_dir.resolve():
-            raise ConsoleError(
-                f"{path} is outside {paths.models_dir}; rm only removes models from there",
-                EXIT_BAD_INPUT,
-            )
-        if path in (served_model(settings), configured_model(settings)):
-            raise ConsoleError(
-                f"{path.name} is the configured or served model; ./console.sh use another "
-                f"model (and restart) first",
-                EXIT_BAD_INPUT,
-            )
-        if not yes and not (sys.stdin and sys.stdin.isatty()):
-            raise ConsoleError(
-                f"not removing {path.name} without confirmation; pass -y", EXIT_BAD_INPUT
-            )
-        if not yes:
-            click.confirm(f"remove {path} ({path.stat().st_size / 1e6:.0f} MB)?", abort=True)
-        path.unlink()
-    click.echo(f"removed {path}")
-
-
-@cli.command()
-@click.argument("name")
-@click.pass_obj
-def use(paths: Paths, name: str) -> None:
-    """Make NAME the default model (LLAMA_MODEL in runtime/config.env).
-
-    \b
-    Example:
-        ./console.sh use SmolLM2-135M-Instruct.Q4_1.gguf && ./console.sh restart
-    """
-    from runtime.configfile import set_config_value
-
-    try:
-        path = resolve_model(name, paths.models_dir)
-        read_model_info(path)
-    except ModelError as error:
-        raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
-    settings = load(paths, is_writing=True)
-    value = path.name if path.parent == paths.models_dir.resolve() else str(path)
-    with console_lock(paths.run_dir, on_wait=wait_message(paths)):
-        set_config_value(paths.config_env, "LLAMA_MODEL", value)
-    click.echo(f"LLAMA_MODEL={value} written to {paths.config_env}")
-    source = settings.source_of("LLAMA_MODEL")
-    if source not in ("default", str(paths.config_env)):
-        click.echo(f"warning: LLAMA_MODEL is also set in the {source}, which takes precedence")
-    if BackendSupervisor(settings).status().pid:
-        click.echo("run ./console.sh restart to serve it")
-
-
-@cli.command()
-@click.pass_obj
 def ensure(paths: Paths) -> None:
     """For cron: start whatever is down. Silent, exit 0, when all is well.
 
@@ -422,7 +235,7 @@ def ensure(paths: Paths) -> None:
 
     \b
     Example crontab line:
-        * * * * * /srv/llamagate/console.sh ensure >>/srv/llamagate/runtime/logs/cron.log 2>&1
+        * * * * * /srv/llamagate/bin/cron.sh ensure
     """
     settings = load(paths, is_writing=True)
     with console_lock(paths.run_dir, wait=False) as is_locked:
@@ -470,6 +283,10 @@ def test(pytest_args: tuple[str, ...]) -> None:
     from runtime.devtools import run_tests
 
     sys.exit(run_tests(list(pytest_args)))
+
+
+for command in (cli_models.models, cli_models.pull, cli_models.rm, cli_models.use):
+    cli.add_command(command)
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ def test_cron_helper_logs_to_cron_log_and_starts_the_backend(home):
         for key in ("LLAMAGATE_ROOT", "LLAMA_SERVER_PORT", "LLAMA_API_KEY", "HOME")
     }
     result = subprocess.run(
-        [str(CODE_DIR / "bin" / "cron_ensure.sh")],
+        [str(CODE_DIR / "bin" / "cron.sh"), "ensure"],
         env=env,
         cwd="/",
         capture_output=True,

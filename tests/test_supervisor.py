@@ -65,3 +65,21 @@ def test_installer_is_idempotent():
     assert "installing llamagate" not in result.stdout and "creating" not in result.stdout
     assert config.read_bytes() == before
     assert oct(config.stat().st_mode & 0o777) == "0o600"
+
+
+def test_stop_kills_a_backend_that_lingers_after_sigterm(serving):
+    # llama_cpp.server waits for open connections on SIGTERM with no timeout; a live
+    # stream keeps it alive, so only the SIGKILL after the grace period can stop it.
+    client = openai.OpenAI(base_url=f"{serving.url}/v1", api_key=TEST_API_KEY, max_retries=0)
+    stream = client.chat.completions.create(
+        model="any",
+        messages=[{"role": "user", "content": "Write a very long story."}],
+        max_tokens=4000,
+        stream=True,
+    )
+    next(iter(stream))
+    result = serving.run("stop", LLAMA_STOP_GRACE_SECONDS="1")
+    assert result.returncode == 0, result.stderr
+    assert serving.backend_pids() == []
+    assert serving.log_pumps() == []
+    stream.close()
