@@ -81,3 +81,16 @@ def test_ensure_leaves_a_foreground_supervisor_in_charge(home):
     assert home.backend_pid() == pid
     supervisor.send_signal(signal.SIGTERM)
     assert supervisor.wait(timeout=60) == 0
+
+
+def test_restart_waits_double_after_each_crash_and_gives_up_at_the_limit(tmp_path):
+    from runtime.foreground import ForegroundSupervisor
+    from runtime.settings import Paths, load_settings
+
+    settings = load_settings(
+        Paths(root=tmp_path),
+        environ={"LLAMA_RESTART_BACKOFF_SECONDS": "0.5", "LLAMA_RESTART_MAX_CRASHES": "4"},
+    )
+    supervisor = ForegroundSupervisor(settings, echo=lambda line: None)
+    delays = [supervisor._record_crash() for _ in range(4)]
+    assert delays == [0.5, 1.0, 2.0, None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import openai
@@ -105,7 +106,10 @@ def test_backend_ignores_host_port_model_and_api_key_from_the_environment(home):
         client(home, "leaked").chat.completions.create(model="any", messages=MESSAGES, max_tokens=2)
 
 
-def test_api_key_is_not_on_the_command_line(serving):
+def test_backend_runs_in_its_own_session_without_the_key_in_argv(serving):
     cmdline = Path(f"/proc/{serving.backend_pid()}/cmdline").read_bytes().decode()
     assert "--interrupt_requests\0false" in cmdline
+    # Its own process group and session: a console's Ctrl-C or logout never reaches it.
+    assert os.getpgid(serving.backend_pid()) == serving.backend_pid()
+    assert os.getsid(serving.backend_pid()) == serving.backend_pid()
     assert TEST_API_KEY not in cmdline
