@@ -40,7 +40,7 @@ UNREACHABLE_ERRORS = (OfflineModeIsEnabled, hub_http.TransportError)
 
 
 class HubError(Exception):
-    """one clear line: what is wrong and what to do"""
+    """A pull failed; the message is one clear line: what is wrong and what to do."""
 
 
 @dataclass(frozen=True)
