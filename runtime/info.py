@@ -31,6 +31,8 @@ def _config_section(settings: Settings) -> str:
         value = settings[key.name]
         if key.name in SECRET_KEYS:
             value = "(set, hidden)" if value else "(empty)"
+        elif isinstance(value, bool):
+            value = int(value)
         elif isinstance(value, tuple):
             value = " ".join(value)
         lines.append(
