@@ -18,6 +18,7 @@ from runtime import cli_models, service
 from runtime.cli_support import (
     EXIT_FAILURE,
     EXIT_STOPPED,
+    START_ERRORS,
     ConsoleError,
     load,
     load_leniently,
@@ -82,7 +83,7 @@ def start(paths: Paths, model: str | None, foreground: bool) -> None:
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
         try:
             result = service.start(settings, click.echo)
-        except (StartError, ModelError, ConfigError) as error:
+        except START_ERRORS as error:
             raise start_failure(error, settings) from None
     report_started(result)
 
@@ -150,7 +151,7 @@ def restart(paths: Paths, model: str | None) -> None:
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
         try:
             result = service.restart(settings, click.echo)
-        except (StartError, ModelError, ConfigError) as error:
+        except START_ERRORS as error:
             raise start_failure(error, settings) from None
     report_started(result)
 
@@ -247,7 +248,7 @@ def ensure(paths: Paths) -> None:
         click.echo(f"ensure: backend was {down.state}{': ' + down.detail if down.detail else ''}")
         try:
             result = service.start(settings, click.echo)
-        except (StartError, ModelError, ConfigError) as error:
+        except START_ERRORS as error:
             raise start_failure(error, settings) from None
     report_started(result)
 

@@ -10,7 +10,13 @@ import click
 
 from runtime.cli_support import EXIT_BAD_INPUT, ConsoleError, load, wait_message
 from runtime.lock import console_lock
-from runtime.modelfiles import ModelError, list_model_files, read_model_info, resolve_model
+from runtime.modelfiles import (
+    ModelError,
+    find_readable_model,
+    list_model_files,
+    read_model_info,
+    resolve_model,
+)
 from runtime.settings import Paths, Settings
 from runtime.supervisor import BackendSupervisor
 
@@ -144,8 +150,7 @@ def use(paths: Paths, name: str) -> None:
     from runtime.configfile import set_config_value
 
     try:
-        path = resolve_model(name, paths.models_dir)
-        read_model_info(path)
+        path = find_readable_model(name, paths.models_dir)
     except ModelError as error:
         raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
     settings = load(paths, is_writing=True)

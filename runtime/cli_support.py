@@ -9,8 +9,11 @@ import click
 from runtime import bootstrap
 from runtime.modelfiles import ModelError
 from runtime.settings import ConfigError, Paths, Settings, load_settings
+from runtime.supervisor import StartError
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 3
+# What starting can raise; start_failure turns each into a message and an exit code.
+START_ERRORS = (StartError, ModelError, ConfigError)
 
 
 class ConsoleError(click.ClickException):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from runtime.lock import console_lock
 from runtime.modelfiles import ModelError
 from runtime.procs import PidRecord, is_alive, remove_pidfile, write_pidfile
 from runtime.settings import Settings
-from runtime.supervisor import BackendSupervisor, StartError
+from runtime.supervisor import BackendSupervisor, Launch, StartError
 
 MAX_BACKOFF_SECONDS = 60.0
 EXIT_GAVE_UP = 1
@@ -66,7 +65,7 @@ class ForegroundSupervisor:
             self.backend.stop()
             remove_pidfile(self.pidfile)
 
-    def _launch(self, model_path: Path) -> subprocess.Popen:
+    def _launch(self, model_path: Path) -> Launch:
         with console_lock(self.settings.paths.run_dir):
             self.backend.check_port_free()
             process = self.backend.launch(model_path)
@@ -76,7 +75,7 @@ class ForegroundSupervisor:
         self.echo(f"serving {model_path.name} at {self.backend.url} (pid {process.pid})")
         return process
 
-    def _wait_for_exit(self, process: subprocess.Popen) -> int | None:
+    def _wait_for_exit(self, process: Launch) -> int | None:
         """The backend's exit code, or None once a stop is requested."""
         while not self.is_stop_requested:
             returncode = process.poll()
@@ -85,7 +84,7 @@ class ForegroundSupervisor:
             time.sleep(0.2)
         return None
 
-    def _recover(self, returncode: int) -> subprocess.Popen | None:
+    def _recover(self, returncode: int) -> Launch | None:
         """Restart after a crash, with backoff; None when it is time to give up."""
         while not self.is_stop_requested:
             delay = self._record_crash()

@@ -44,6 +44,13 @@ def resolve_model(value: str, models_dir: Path) -> Path:
     )
 
 
+def find_readable_model(value: str, models_dir: Path) -> Path:
+    """resolve_model, then check that the file is a readable GGUF; raise ModelError."""
+    path = resolve_model(value, models_dir)
+    read_model_info(path)
+    return path
+
+
 def list_model_files(models_dir: Path) -> list[Path]:
     return sorted(models_dir.glob("*.gguf")) if models_dir.is_dir() else []
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.modelfiles import read_model_info, resolve_model
+from runtime.modelfiles import find_readable_model
 from runtime.procs import is_alive, read_pidfile
 from runtime.settings import ConfigError, Settings
 from runtime.supervisor import SERVING, BackendStatus, BackendSupervisor
@@ -26,9 +26,7 @@ class StartResult:
 
 def model_to_serve(settings: Settings) -> Path:
     """The configured model, resolved and checked to be a readable GGUF file."""
-    path = resolve_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
-    read_model_info(path)
-    return path
+    return find_readable_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
 
 
 def check_ready_to_start(settings: Settings) -> Path:

@@ -49,6 +49,22 @@ class BackendStatus:
         return self.state == SERVING
 
 
+@dataclass(frozen=True)
+class Launch:
+    """A started backend: its process, its log pump, and where its part of the log begins."""
+
+    process: subprocess.Popen
+    pump: subprocess.Popen
+    log_offset: int
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+
 class BackendSupervisor:
     """Starts, probes and stops llama_cpp.server; the pid file is the shared memory."""
 
@@ -96,11 +112,10 @@ class BackendSupervisor:
     def start(self, model_path: Path) -> BackendStatus:
         """Launch the backend and return once it answers; raise StartError otherwise."""
         self.check_port_free()
-        process = self.launch(model_path)
-        self.wait_until_ready(process, model_path)
+        self.wait_until_ready(self.launch(model_path), model_path)
         return self.status()
 
-    def launch(self, model_path: Path) -> subprocess.Popen:
+    def launch(self, model_path: Path) -> Launch:
         """Spawn llama_cpp.server in its own process group, its output piped to the log."""
         log_offset = self._write_log_header(model_path)
         process = subprocess.Popen(
@@ -112,8 +127,7 @@ class BackendSupervisor:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        process.log_offset = log_offset  # type: ignore[attr-defined]
-        process.log_pump = self._start_log_pump(process)  # type: ignore[attr-defined]
+        launched = Launch(process, self._start_log_pump(process), log_offset)
         write_pidfile(
             self.pidfile,
             PidRecord(
@@ -123,11 +137,11 @@ class BackendSupervisor:
                 details={"url": self.url, "model": str(model_path), "log": str(self.log_path)},
             ),
         )
-        return process
+        return launched
 
     def wait_until_ready(
         self,
-        process: subprocess.Popen,
+        launched: Launch,
         model_path: Path,
         is_cancelled: Callable[[], bool] = lambda: False,
     ) -> None:
@@ -136,8 +150,8 @@ class BackendSupervisor:
         started = time.monotonic()
         next_progress = started + 10
         while time.monotonic() - started < timeout and not is_cancelled():
-            if process.poll() is not None:
-                self._fail_start(process, model_path)
+            if launched.poll() is not None:
+                self._fail_start(launched, model_path)
             if backend.is_answering(self.url, timeout=0.5):
                 return
             if time.monotonic() >= next_progress:
@@ -150,7 +164,7 @@ class BackendSupervisor:
         raise StartError(
             f"the backend did not answer on {self.url} within {timeout:.0f}s; raise "
             f"LLAMA_START_TIMEOUT_SECONDS for a large model",
-            self._read_log_tail(process),
+            self._read_log_tail(launched),
         )
 
     def stop(self) -> bool:
@@ -209,18 +223,18 @@ class BackendSupervisor:
         process.stdout.close()
         return pump
 
-    def _fail_start(self, process: subprocess.Popen, model_path: Path) -> None:
+    def _fail_start(self, launched: Launch, model_path: Path) -> None:
         remove_pidfile(self.pidfile)
-        tail = self._read_log_tail(process)
+        tail = self._read_log_tail(launched)
         raise StartError(backend.explain_failure(tail, self.settings, model_path), tail)
 
-    def _read_log_tail(self, process: subprocess.Popen) -> str:
+    def _read_log_tail(self, launched: Launch) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            process.log_pump.wait(timeout=5)  # type: ignore[attr-defined]
+            launched.pump.wait(timeout=5)
         try:
             with open(self.log_path, "rb") as log:
                 size = log.seek(0, os.SEEK_END)
-                offset = process.log_offset  # type: ignore[attr-defined]
+                offset = launched.log_offset
                 log.seek(offset if offset <= size else 0)
                 text = log.read().decode(errors="replace")
         except OSError:
