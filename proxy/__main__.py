@@ -1,0 +1,52 @@
+"""`python -m proxy`: run the gateway until SIGTERM, then drain and flush the request log."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from aiohttp import web
+
+from proxy.app import make_app
+from proxy.config import ProxyConfigError, load_config
+from proxy.store import StoreError
+
+
+def main() -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stdout,
+    )
+    try:
+        config = load_config()
+    except ProxyConfigError as error:
+        print(f"gateway: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        # SIGTERM/SIGINT: stop listening, let requests in flight finish for up to
+        # drain_seconds, then run the cleanup contexts (which flush the request log).
+        web.run_app(
+            make_app(config),
+            host=config.host,
+            port=config.port,
+            shutdown_timeout=config.drain_seconds,
+            handler_cancellation=True,
+            access_log=None,
+            print=lambda message: logging.getLogger("proxy").info("%s", message),
+        )
+    except StoreError as error:
+        print(f"gateway: error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(
+            f"gateway: error: cannot listen on {config.host}:{config.port} ({error.strerror}); "
+            f"stop what uses it or set LLAMA_PROXY_PORT",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

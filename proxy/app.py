@@ -1,0 +1,115 @@
+"""The gateway application: `make_app(config)` wires resources, middleware and routes.
+
+Resources (database pool, auth listener, request log, backend session) come from
+cleanup contexts, so each is closed if and only if it was opened. Handlers live in
+proxy/handlers.py; this module only assembles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from proxy import appkeys, handlers, store
+from proxy.auth import AuthCache, Authenticator, listen_for_changes
+from proxy.config import ProxyConfig
+from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
+from proxy.metrics import Metrics
+from proxy.queue import FairQueue
+from proxy.ratelimit import SharedLimiter
+from proxy.requestlog import RequestLog, Spool
+
+log = logging.getLogger(__name__)
+
+
+def make_app(config: ProxyConfig) -> web.Application:
+    """The gateway for a loaded config; nothing is opened until the app starts."""
+    app = web.Application(
+        middlewares=[handlers.observe_request], client_max_size=config.max_body_bytes
+    )
+    app[appkeys.CONFIG] = config
+    app[appkeys.MODELS_CACHE] = {}
+    queue = FairQueue(
+        config.backend_concurrency,
+        config.queue_max_per_user,
+        config.queue_max_total,
+        config.queue_timeout_seconds,
+    )
+    app[appkeys.QUEUE] = queue
+    app[appkeys.METRICS] = Metrics(queue.stats)
+    app.cleanup_ctx.extend([database, request_log, auth, backend_session])
+    app.on_response_prepare.append(handlers.add_gateway_headers)
+    add_routes(app)
+    return app
+
+
+def add_routes(app: web.Application) -> None:
+    for route in JSON_ROUTES:
+        app.router.add_post(route, handlers.forward_json)
+    app.router.add_get(MODELS_ROUTE, handlers.list_models)
+    app.router.add_get("/healthz", handlers.healthz)
+    app.router.add_get("/readyz", handlers.readyz)
+    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/v1/me", handlers.me)
+
+
+async def database(app: web.Application) -> AsyncIterator[None]:
+    pool = await store.create_pool(app[appkeys.CONFIG].dsn)
+    app[appkeys.POOL] = pool
+    yield
+    await pool.close()
+
+
+async def request_log(app: web.Application) -> AsyncIterator[None]:
+    pool = app[appkeys.POOL]
+    journal = RequestLog(
+        lambda rows: store.insert_requests(pool, rows), Spool(app[appkeys.CONFIG].spool_path)
+    )
+    app[appkeys.REQUEST_LOG] = journal
+    flusher = asyncio.create_task(journal.run())
+    yield
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
+    await journal.close()
+
+
+async def auth(app: web.Application) -> AsyncIterator[None]:
+    config, pool = app[appkeys.CONFIG], app[appkeys.POOL]
+    cache = AuthCache()
+    app[appkeys.AUTHENTICATOR] = Authenticator(pool, cache, config.auth_outage_grace_seconds)
+    app[appkeys.LIMITER] = SharedLimiter(
+        lambda *batch: store.take_rate_slots(pool, *batch), config.rate_window_seconds
+    )
+    listener = asyncio.create_task(listen_for_changes(config.dsn, cache))
+    yield
+    listener.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await listener
+
+
+async def backend_session(app: web.Application) -> AsyncIterator[None]:
+    config = app[appkeys.CONFIG]
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=5, sock_read=config.upstream_timeout_seconds
+    )
+    # auto_decompress off: bytes are relayed as they come, never re-encoded.
+    session = aiohttp.ClientSession(
+        timeout=timeout,
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        auto_decompress=False,
+    )
+    app[appkeys.FORWARDER] = Forwarder(
+        session,
+        config.backend_url,
+        config.backend_key,
+        config.backend_wait_seconds,
+        config.restart_flag,
+    )
+    yield
+    await session.close()

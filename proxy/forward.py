@@ -1,0 +1,210 @@
+"""Forwarding one admitted request to llama_cpp.server and its answer back, unbuffered.
+
+Only the fixed route path is sent upstream (never the client's raw path or query), with
+the internal backend key instead of the client's credentials. Server-sent events are
+written through chunk by chunk as they arrive. If the client goes away mid-stream the
+upstream response is closed, which makes llama_cpp.server stop generating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from proxy.errors import GatewayError, bad_gateway, error_body, unavailable
+from proxy.requestlog import RequestRecord
+
+log = logging.getLogger(__name__)
+
+JSON_ROUTES = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/extras/tokenize",
+    "/extras/tokenize/count",
+    "/extras/detokenize",
+)
+MODELS_ROUTE = "/v1/models"
+RETRY_INTERVAL_SECONDS = 0.1
+CLIENT_GONE = 499
+CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+
+
+class UsageCounter:
+    """Token counts from an answer: its `usage`, or for a stream, one per content chunk.
+
+    llama_cpp.server 0.3 sends no usage in streams; it emits one chunk per generated
+    token, so counting chunks with content gives the completion tokens. A `usage` object
+    in any chunk (newer servers) wins.
+    """
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.content_chunks = 0
+        self.partial = b""
+
+    def feed_json(self, body: bytes) -> None:
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            self._take_usage(json.loads(body))
+
+    def feed_stream(self, chunk: bytes) -> None:
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        for line in lines:
+            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+                self._take_event(line[5:])
+
+    def finish_stream(self) -> None:
+        if self.completion_tokens is None and self.content_chunks:
+            self.completion_tokens = self.content_chunks
+
+    def _take_event(self, data: bytes) -> None:
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        self._take_usage(event)
+        for choice in event.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content") or choice.get("text"):
+                self.content_chunks += 1
+
+    def _take_usage(self, answer: dict) -> None:
+        usage = answer.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens")
+            self.completion_tokens = usage.get("completion_tokens")
+
+
+class Forwarder:
+    """Sends requests to the backend over one pooled session."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        backend_url: str,
+        backend_key: str,
+        wait_seconds: float,
+        restart_flag: Path | None,
+    ) -> None:
+        self.session = session
+        self.backend_url = backend_url
+        self.backend_key = backend_key
+        self.wait_seconds = wait_seconds
+        self.restart_flag = restart_flag
+
+    def is_restarting(self) -> bool:
+        """True while the console restarts the backend (it keeps a flag file meanwhile)."""
+        return self.restart_flag is not None and self.restart_flag.exists()
+
+    async def forward(
+        self, request: web.Request, route: str, body: bytes, record: RequestRecord
+    ) -> web.StreamResponse:
+        """Send the request upstream and relay the answer; the record gets the outcome."""
+        headers = {
+            "Authorization": f"Bearer {self.backend_key}",
+            "Content-Type": "application/json",
+            "X-Request-Id": record.request_id,
+        }
+        upstream = await self._send(request.method, route, body, headers)
+        async with upstream:
+            content_type = upstream.headers.get("Content-Type", "application/json")
+            if content_type.startswith("text/event-stream"):
+                return await self._relay_stream(request, upstream, content_type, record)
+            return await self._relay_whole(upstream, content_type, record)
+
+    async def _send(
+        self, method: str, route: str, body: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """The upstream response; waits out a restart, else 502/503."""
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            try:
+                return await self.session.request(
+                    method, self.backend_url + route, data=body or None, headers=headers
+                )
+            except CONNECT_ERRORS as error:
+                if not self.is_restarting():
+                    raise bad_gateway(
+                        f"the model backend is not reachable ({type(error).__name__}); "
+                        f"the operator can check it with ./console.sh status"
+                    ) from None
+                if time.monotonic() >= deadline:
+                    raise unavailable(
+                        "the model backend is restarting; try again shortly",
+                        retry_after=self.wait_seconds,
+                        code="backend_restarting",
+                    ) from None
+                await asyncio.sleep(RETRY_INTERVAL_SECONDS)
+            except TimeoutError:
+                raise GatewayError(
+                    504, "the model backend did not answer in time", "server_error", "timeout"
+                ) from None
+
+    async def _relay_whole(
+        self, upstream: aiohttp.ClientResponse, content_type: str, record: RequestRecord
+    ) -> web.Response:
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise bad_gateway(f"the model backend broke off its answer ({error!r})") from None
+        if content_type.startswith("application/json"):
+            counter = UsageCounter()
+            counter.feed_json(data)
+            record.prompt_tokens = counter.prompt_tokens
+            record.completion_tokens = counter.completion_tokens
+        record.response_bytes = len(data)
+        return web.Response(
+            status=upstream.status, body=data, headers={"Content-Type": content_type}
+        )
+
+    async def _relay_stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        content_type: str,
+        record: RequestRecord,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            headers={
+                "Content-Type": content_type,
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            },
+        )
+        await response.prepare(request)
+        counter = UsageCounter()
+        try:
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+                record.response_bytes += len(chunk)
+                counter.feed_stream(chunk)
+        except ConnectionResetError:
+            # The client went away: leaving the `async with` closes the upstream too.
+            record.status_code = CLIENT_GONE
+            record.error = "client disconnected mid-stream"
+            return response
+        except (aiohttp.ClientError, TimeoutError) as error:
+            record.error = f"the backend broke off the stream ({type(error).__name__})"
+            log.warning("request %s: %s", record.request_id, record.error)
+            # Tell the client in the stream itself; the status line has long been sent.
+            event = b"data: " + error_body(record.error, "server_error", "backend_failed")
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(event + b"\n\n")
+        finally:
+            counter.finish_stream()
+            record.prompt_tokens = counter.prompt_tokens
+            record.completion_tokens = counter.completion_tokens
+        await response.write_eof()
+        return response

@@ -1,0 +1,290 @@
+"""The gateway's request handlers and the middleware that logs and shapes every answer."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+import uuid
+from datetime import UTC, datetime
+
+import aiohttp
+from aiohttp import web
+
+from proxy import appkeys, store
+from proxy.auth import Identity, extract_key
+from proxy.errors import GatewayError, error_response, not_found, unavailable
+from proxy.forward import CLIENT_GONE
+from proxy.queue import QueueFull, QueueRejected
+from proxy.requestlog import RequestRecord
+
+log = logging.getLogger(__name__)
+
+# Probes are not requests for the model: they would drown the log.
+UNLOGGED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MODELS_CACHE_SECONDS = 60.0
+GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+@web.middleware
+async def observe_request(request: web.Request, handler) -> web.StreamResponse:
+    """Give each request an id and a log row, and turn every failure into an OpenAI error."""
+    record = RequestRecord(
+        request_id=uuid.uuid4().hex,
+        created_at=datetime.now(UTC),
+        method=request.method,
+        path=request.path[:512],
+        client_addr=request.remote,
+        started=time.monotonic(),
+        request_bytes=request.content_length or 0,
+    )
+    request[appkeys.RECORD] = record
+    try:
+        response = await handler(request)
+    except GatewayError as error:
+        response = _error(record, error)
+    except web.HTTPException as error:
+        response = _error(record, _from_http_exception(request, error))
+    except asyncio.CancelledError:
+        record.status_code = CLIENT_GONE
+        record.error = record.error or "client disconnected"
+        _finish(request, record)
+        raise
+    except Exception:
+        log.exception("request %s: unexpected error", record.request_id)
+        failure = GatewayError(500, "internal gateway error; see the gateway log", "server_error")
+        response = _error(record, failure)
+    record.status_code = record.status_code or response.status
+    if isinstance(response, web.Response) and response.body is not None:
+        record.response_bytes = len(response.body)
+    _finish(request, record)
+    return response
+
+
+def _error(record: RequestRecord, error: GatewayError) -> web.Response:
+    record.error = error.message
+    return error_response(error)
+
+
+def _from_http_exception(request: web.Request, error: web.HTTPException) -> GatewayError:
+    if error.status == 404:
+        return not_found(request.path)
+    if error.status == 405:
+        return GatewayError(405, f"{request.method} is not allowed on {request.path}")
+    if error.status == 413:
+        return too_large(request)
+    return GatewayError(error.status, error.reason)
+
+
+def too_large(request: web.Request) -> GatewayError:
+    limit = request.app[appkeys.CONFIG].max_body_bytes
+    return GatewayError(413, f"the request body is over the limit of {limit} bytes")
+
+
+def _finish(request: web.Request, record: RequestRecord) -> None:
+    if record.path in UNLOGGED_PATHS:
+        return
+    finished = time.monotonic()
+    request.app[appkeys.REQUEST_LOG].add(record.to_row(finished))
+    request.app[appkeys.METRICS].observe(
+        record.path if record.status_code != 404 else "unknown",
+        record.status_code,
+        record.username,
+        finished - record.started,
+        record.prompt_tokens,
+        record.completion_tokens,
+    )
+
+
+async def add_gateway_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """X-Request-Id and the rate-limit headers on every answer, streams included."""
+    record = request.get(appkeys.RECORD)
+    if record is not None:
+        response.headers["X-Request-Id"] = record.request_id
+    decision = request.get(appkeys.DECISION)
+    if decision is not None:
+        response.headers.update(decision.headers)
+
+
+async def authenticate(request: web.Request) -> Identity:
+    identity = await request.app[appkeys.AUTHENTICATOR].authenticate(extract_key(request.headers))
+    record = request[appkeys.RECORD]
+    record.username, record.key_id = identity.username, identity.key_id
+    return identity
+
+
+async def enforce_rate_limit(request: web.Request, identity: Identity) -> None:
+    config = request.app[appkeys.CONFIG]
+    limit = identity.rate_limit or config.rate_limit
+    decision = await request.app[appkeys.LIMITER].acquire(identity.username, limit)
+    request[appkeys.DECISION] = decision
+    if not decision.is_allowed:
+        raise GatewayError(
+            429,
+            f"rate limit reached: {limit} requests per {config.rate_window_seconds:g} seconds; "
+            f"retry after {decision.retry_after:.1f} seconds",
+            "rate_limit_exceeded",
+            "rate_limit_exceeded",
+            retry_after=decision.retry_after,
+        )
+
+
+async def read_json_body(request: web.Request) -> bytes:
+    """The body, checked to be a JSON object within the size limit; notes model and stream."""
+    if (request.content_length or 0) > request.app[appkeys.CONFIG].max_body_bytes:
+        raise too_large(request)
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(request) from None
+    record = request[appkeys.RECORD]
+    record.request_bytes = len(body)
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        raise GatewayError(400, "the request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(parsed, dict):
+        raise GatewayError(400, "the request body must be a JSON object", code="invalid_json")
+    if isinstance(parsed.get("model"), str):
+        record.model = parsed["model"][:200]
+    if request.path in GENERATION_ROUTES:
+        record.stream = parsed.get("stream") is True
+    return body
+
+
+async def forward_json(request: web.Request) -> web.StreamResponse:
+    """POST routes: auth, rate limit, body checks, then the fair queue and the backend."""
+    identity = await authenticate(request)
+    await enforce_rate_limit(request, identity)
+    body = await read_json_body(request)
+    return await forward_in_turn(request, identity, body)
+
+
+async def forward_in_turn(
+    request: web.Request, identity: Identity, body: bytes
+) -> web.StreamResponse:
+    record = request[appkeys.RECORD]
+    route = request.match_info.route.resource.canonical
+    try:
+        async with request.app[appkeys.QUEUE].slot(identity.username) as waited:
+            record.queue_ms = waited * 1000
+            request.app[appkeys.METRICS].queue_wait.observe(waited)
+            return await request.app[appkeys.FORWARDER].forward(request, route, body, record)
+    except QueueRejected as rejected:
+        raise GatewayError(
+            rejected.status,
+            f"the gateway is busy: {rejected.reason}; retry after {rejected.retry_after} seconds",
+            "server_error" if rejected.status == 503 else "rate_limit_exceeded",
+            "queue_full" if isinstance(rejected, QueueFull) else "queue_timeout",
+            retry_after=rejected.retry_after,
+        ) from None
+
+
+async def list_models(request: web.Request) -> web.StreamResponse:
+    """GET /v1/models, answered from a short cache so that it never waits in the queue."""
+    identity = await authenticate(request)
+    await enforce_rate_limit(request, identity)
+    cache = request.app[appkeys.MODELS_CACHE]
+    if cache and time.monotonic() - cache["at"] < MODELS_CACHE_SECONDS:
+        return web.Response(body=cache["body"], content_type="application/json")
+    response = await forward_in_turn(request, identity, b"")
+    if isinstance(response, web.Response) and response.status == 200:
+        cache.update(at=time.monotonic(), body=response.body)
+    return response
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the gateway process answers."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the backend answers, the database answers, the request log can spool."""
+    app = request.app
+    checks = {
+        "backend": await _check_backend(app),
+        "database": await _check_database(app),
+        "request_log": app[appkeys.REQUEST_LOG].spool.error or "ok",
+    }
+    is_ready = all(value == "ok" for value in checks.values())
+    queue = app[appkeys.QUEUE].stats()
+    body = {
+        "ready": is_ready,
+        **checks,
+        "queue": {"active": queue.active, "waiting": queue.waiting},
+    }
+    return web.json_response(body, status=200 if is_ready else 503)
+
+
+async def _check_backend(app: web.Application) -> str:
+    forwarder = app[appkeys.FORWARDER]
+    try:
+        async with forwarder.session.get(
+            forwarder.backend_url + "/openapi.json", timeout=aiohttp.ClientTimeout(total=2)
+        ) as probe:
+            return "ok" if probe.status == 200 else f"answers {probe.status}"
+    except (aiohttp.ClientError, TimeoutError) as error:
+        state = "restarting" if forwarder.is_restarting() else "unreachable"
+        return f"{state} ({type(error).__name__})"
+
+
+async def _check_database(app: web.Application) -> str:
+    try:
+        await app[appkeys.POOL].fetchval("SELECT 1", timeout=2)
+    except store.UNAVAILABLE_ERRORS as error:
+        return f"unreachable ({type(error).__name__})"
+    return "ok"
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus metrics, for loopback callers or holders of LLAMA_PROXY_METRICS_TOKEN."""
+    if not _may_read_metrics(request):
+        raise GatewayError(
+            403,
+            "/metrics answers loopback callers, or 'Authorization: Bearer' with "
+            "LLAMA_PROXY_METRICS_TOKEN",
+            code="forbidden",
+        )
+    body = request.app[appkeys.METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def _may_read_metrics(request: web.Request) -> bool:
+    token = request.app[appkeys.CONFIG].metrics_token
+    offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if token and hmac.compare_digest(offered.encode(), token.encode()):
+        return True
+    try:
+        return ipaddress.ip_address(request.remote or "").is_loopback
+    except ValueError:
+        return False
+
+
+async def me(request: web.Request) -> web.Response:
+    """GET /v1/me: the caller's own name, limit, remaining allowance and usage."""
+    identity = await authenticate(request)
+    app = request.app
+    config = app[appkeys.CONFIG]
+    limit = identity.rate_limit or config.rate_limit
+    try:
+        used = await store.count_rate_slots(
+            app[appkeys.POOL], identity.username, config.rate_window_seconds
+        )
+        usage = await store.user_usage(app[appkeys.POOL], identity.username, hours=24)
+    except store.UNAVAILABLE_ERRORS:
+        raise unavailable("the database is unreachable; try again shortly", 5, "db_down") from None
+    return web.json_response(
+        {
+            "username": identity.username,
+            "key_id": identity.key_id,
+            "rate_limit": {
+                "limit": limit,
+                "window_seconds": config.rate_window_seconds,
+                "remaining": max(limit - used, 0),
+            },
+            "usage_last_24h": usage,
+        }
+    )

@@ -1,0 +1,92 @@
+"""Prometheus metrics for /metrics, in a registry of the app's own (no globals)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from proxy.queue import QueueStats
+
+MAX_USER_LABELS = 100
+OTHER_USERS = "_other"
+
+
+class UserLabels:
+    """A user's own label for the first MAX_USER_LABELS users, so series stay bounded."""
+
+    def __init__(self, limit: int = MAX_USER_LABELS) -> None:
+        self.limit = limit
+        self.known: set[str] = set()
+
+    def __call__(self, username: str | None) -> str:
+        if username is None:
+            return "_anonymous"
+        if username in self.known:
+            return username
+        if len(self.known) < self.limit:
+            self.known.add(username)
+            return username
+        return OTHER_USERS
+
+
+class Metrics:
+    """The gateway's counters; `observe` is called once per finished request."""
+
+    def __init__(self, queue_stats: Callable[[], QueueStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.user_label = UserLabels()
+        self.requests = Counter(
+            "llamagate_requests",
+            "Requests answered, by route, status and user",
+            ["route", "status", "user"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "llamagate_request_duration_seconds",
+            "Time from request to the last byte of the answer",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.queue_wait = Histogram(
+            "llamagate_queue_wait_seconds",
+            "Time spent waiting in the fair queue",
+            registry=self.registry,
+            buckets=(0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.tokens = Counter(
+            "llamagate_tokens",
+            "Tokens processed, by user and kind (prompt or completion)",
+            ["user", "kind"],
+            registry=self.registry,
+        )
+        self.backend_waits = Counter(
+            "llamagate_backend_restart_waits",
+            "Requests that waited for the backend to come back from a restart",
+            registry=self.registry,
+        )
+        waiting = Gauge("llamagate_queue_waiting", "Requests waiting", registry=self.registry)
+        waiting.set_function(lambda: queue_stats().waiting)
+        active = Gauge("llamagate_queue_active", "Requests at the backend", registry=self.registry)
+        active.set_function(lambda: queue_stats().active)
+
+    def observe(
+        self,
+        route: str,
+        status: int,
+        username: str | None,
+        seconds: float,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+    ) -> None:
+        user = self.user_label(username)
+        self.requests.labels(route, str(status), user).inc()
+        self.latency.labels(route).observe(seconds)
+        if prompt_tokens:
+            self.tokens.labels(user, "prompt").inc(prompt_tokens)
+        if completion_tokens:
+            self.tokens.labels(user, "completion").inc(completion_tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

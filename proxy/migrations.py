@@ -1,0 +1,178 @@
+"""Numbered, idempotent schema migrations. Each is a plain function of one connection.
+
+`migrate` applies the missing ones in order, each in its own transaction, under an
+advisory lock so that several gateways (or a gateway and the admin CLI) starting at
+once never race. Never edit a migration that has shipped: add the next number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+
+# Any fixed number; it only has to be the same in every process that migrates.
+MIGRATION_LOCK_ID = 7_415_521_001
+AUTH_CHANNEL = "llamagate_auth"
+
+
+async def m001_users_keys_requests(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        """
+        CREATE TABLE IF NOT EXISTS users (
+            id bigserial PRIMARY KEY,
+            username text NOT NULL UNIQUE,
+            rate_limit integer CHECK (rate_limit > 0),
+            is_disabled boolean NOT NULL DEFAULT false,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE IF NOT EXISTS api_keys (
+            id bigserial PRIMARY KEY,
+            key_id text NOT NULL UNIQUE,
+            user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+            digest bytea NOT NULL UNIQUE,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            expires_at timestamptz,
+            revoked_at timestamptz
+        );
+        CREATE INDEX IF NOT EXISTS api_keys_user_id ON api_keys (user_id);
+        -- No foreign key to users: the log outlives deleted users and keys.
+        CREATE TABLE IF NOT EXISTS llama_requests (
+            id bigserial PRIMARY KEY,
+            request_id text NOT NULL UNIQUE,
+            created_at timestamptz NOT NULL,
+            username text,
+            key_id text,
+            method text NOT NULL,
+            path text NOT NULL,
+            status_code integer NOT NULL,
+            duration_ms double precision NOT NULL,
+            queue_ms double precision,
+            request_bytes bigint NOT NULL,
+            response_bytes bigint NOT NULL,
+            model text,
+            stream boolean,
+            prompt_tokens integer,
+            completion_tokens integer,
+            client_addr text,
+            error text
+        );
+        CREATE INDEX IF NOT EXISTS llama_requests_created_at ON llama_requests (created_at);
+        CREATE INDEX IF NOT EXISTS llama_requests_username_created_at
+            ON llama_requests (username, created_at);
+        """
+    )
+
+
+async def m002_auth_notifications(conn: asyncpg.Connection) -> None:
+    # Triggers, not application code, send the notification, so a change made with
+    # psql invalidates every gateway's auth cache just as the admin CLI's changes do.
+    await conn.execute(
+        f"""
+        CREATE OR REPLACE FUNCTION llamagate_notify_auth() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{AUTH_CHANNEL}', TG_TABLE_NAME);
+            RETURN NULL;
+        END $$;
+        DROP TRIGGER IF EXISTS users_notify_auth ON users;
+        CREATE TRIGGER users_notify_auth AFTER INSERT OR UPDATE OR DELETE ON users
+            FOR EACH STATEMENT EXECUTE FUNCTION llamagate_notify_auth();
+        DROP TRIGGER IF EXISTS api_keys_notify_auth ON api_keys;
+        CREATE TRIGGER api_keys_notify_auth AFTER INSERT OR UPDATE OR DELETE ON api_keys
+            FOR EACH STATEMENT EXECUTE FUNCTION llamagate_notify_auth();
+        """
+    )
+
+
+async def m003_shared_rate_windows(conn: asyncpg.Connection) -> None:
+    # One row per user holding the admission times inside the current window. Gateways
+    # call llamagate_take_slots with a whole batch of requests in one round trip; the
+    # row lock makes the count exact across every gateway that shares the database.
+    await conn.execute(
+        """
+        CREATE TABLE IF NOT EXISTS rate_windows (
+            username text PRIMARY KEY,
+            stamps double precision[] NOT NULL DEFAULT '{}'
+        );
+        CREATE OR REPLACE FUNCTION llamagate_take_slots(
+            p_users text[], p_wanted integer[], p_limits integer[], p_windows double precision[]
+        ) RETURNS TABLE (
+            username text, granted integer, used integer,
+            oldest double precision, newest double precision, now_epoch double precision
+        ) LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            i integer;
+            kept double precision[];
+            take integer;
+            now_s double precision := extract(epoch FROM clock_timestamp());
+        BEGIN
+            -- Sorted, so that two gateways lock rows in the same order: no deadlock.
+            FOR i IN SELECT ord FROM unnest(p_users) WITH ORDINALITY AS u(name, ord)
+                     ORDER BY name LOOP
+                INSERT INTO rate_windows AS w (username) VALUES (p_users[i])
+                    ON CONFLICT (username) DO NOTHING;
+                SELECT ARRAY(
+                    SELECT s FROM unnest(w.stamps) AS s
+                    WHERE s > now_s - p_windows[i] ORDER BY s
+                ) INTO kept
+                FROM rate_windows AS w WHERE w.username = p_users[i] FOR UPDATE;
+                take := greatest(0, least(p_wanted[i], p_limits[i] - cardinality(kept)));
+                IF take > 0 THEN
+                    kept := kept || array_fill(now_s, ARRAY[take]);
+                END IF;
+                UPDATE rate_windows AS w SET stamps = kept WHERE w.username = p_users[i];
+                username := p_users[i];
+                granted := take;
+                used := cardinality(kept);
+                oldest := kept[1];
+                newest := kept[cardinality(kept)];
+                now_epoch := now_s;
+                RETURN NEXT;
+            END LOOP;
+        END $$;
+        """
+    )
+
+
+Migration = Callable[[asyncpg.Connection], Awaitable[None]]
+MIGRATIONS: tuple[tuple[int, Migration], ...] = (
+    (1, m001_users_keys_requests),
+    (2, m002_auth_notifications),
+    (3, m003_shared_rate_windows),
+)
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply the missing migrations in order; return the numbers applied."""
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    try:
+        await conn.execute(
+            """
+            CREATE TABLE IF NOT EXISTS schema_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        )
+        done = {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        applied = []
+        for version, migration in MIGRATIONS:
+            if version in done:
+                continue
+            async with conn.transaction():
+                await migration(conn)
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", version)
+            applied.append(version)
+        return applied
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    """The newest migration applied, 0 for an empty database."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return 0
+    return await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_migrations")

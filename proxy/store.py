@@ -1,0 +1,219 @@
+"""PostgreSQL access for the gateway's hot path: pools, key lookup, rate slots, log rows.
+
+SQL stays visible in small async functions that take the pool first. Connection
+failures become StoreError, whose message shows the DSN without its password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from proxy.config import redact_dsn
+from proxy.migrations import migrate
+
+CONNECT_TIMEOUT_SECONDS = 5.0
+# What asyncpg raises when the server is gone or unreachable, as opposed to a bad query.
+UNAVAILABLE_ERRORS = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.ConnectionFailureError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+class StoreError(Exception):
+    """The database cannot be reached or used; the message says which and how to fix it."""
+
+
+def unreachable(dsn: str, error: BaseException) -> StoreError:
+    reason = str(error) or type(error).__name__
+    return StoreError(
+        f"cannot reach the database at {redact_dsn(dsn)}: {reason}; is PostgreSQL running? "
+        f"(./console.sh start starts the private one; see ./console.sh info)"
+    )
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """One connection, or StoreError naming the (redacted) DSN."""
+    try:
+        return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
+    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
+        raise unreachable(dsn, error) from None
+
+
+async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
+    """A pool, with the schema migrated; StoreError if the database is unreachable."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_SECONDS
+        )
+    except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
+        raise unreachable(dsn, error) from None
+    async with pool.acquire() as conn:
+        await migrate(conn)
+    return pool
+
+
+@contextlib.asynccontextmanager
+async def pool_context(dsn: str, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
+    pool = await create_pool(dsn, max_size)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """What auth needs to know about one key and its user."""
+
+    key_id: str
+    username: str
+    rate_limit: int | None
+    is_disabled: bool
+    expires_at: datetime | None
+    revoked_at: datetime | None
+
+
+async def fetch_key(pool: asyncpg.Pool, digest: bytes) -> KeyRecord | None:
+    """The key with this digest and its user, or None."""
+    row = await pool.fetchrow(
+        """
+        SELECT k.key_id, u.username, u.rate_limit, u.is_disabled, k.expires_at, k.revoked_at
+        FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
+        WHERE k.digest = $1
+        """,
+        digest,
+    )
+    return KeyRecord(**dict(row)) if row else None
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    """The database's answer for one user's batch of rate-limit slots (times in epoch s)."""
+
+    username: str
+    granted: int
+    used: int
+    oldest: float | None
+    newest: float | None
+    now: float
+
+
+async def take_rate_slots(
+    pool: asyncpg.Pool,
+    users: Sequence[str],
+    wanted: Sequence[int],
+    limits: Sequence[int],
+    windows: Sequence[float],
+) -> dict[str, SlotGrant]:
+    """Admit up to `wanted` requests per user inside their sliding windows, atomically."""
+    rows = await pool.fetch(
+        "SELECT * FROM llamagate_take_slots($1::text[], $2::int[], $3::int[], $4::float8[])",
+        list(users),
+        list(wanted),
+        list(limits),
+        list(windows),
+    )
+    return {
+        row["username"]: SlotGrant(
+            row["username"],
+            row["granted"],
+            row["used"],
+            row["oldest"],
+            row["newest"],
+            row["now_epoch"],
+        )
+        for row in rows
+    }
+
+
+async def count_rate_slots(pool: asyncpg.Pool, username: str, window: float) -> int:
+    """How many of the user's admissions are inside the sliding window now (no side effect)."""
+    return await pool.fetchval(
+        """
+        SELECT count(*) FROM rate_windows AS w, unnest(w.stamps) AS s
+        WHERE w.username = $1 AND s > extract(epoch FROM clock_timestamp()) - $2
+        """,
+        username,
+        window,
+    )
+
+
+async def user_usage(pool: asyncpg.Pool, username: str, hours: float) -> dict[str, int]:
+    """The user's requests and tokens over the last `hours`, from the request log."""
+    row = await pool.fetchrow(
+        """
+        SELECT count(*) AS requests,
+               coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+               coalesce(sum(completion_tokens), 0) AS completion_tokens
+        FROM llama_requests
+        WHERE username = $1 AND created_at > now() - make_interval(secs => $2)
+        """,
+        username,
+        hours * 3600,
+    )
+    return dict(row)
+
+
+REQUEST_COLUMNS = (
+    "request_id",
+    "created_at",
+    "username",
+    "key_id",
+    "method",
+    "path",
+    "status_code",
+    "duration_ms",
+    "queue_ms",
+    "request_bytes",
+    "response_bytes",
+    "model",
+    "stream",
+    "prompt_tokens",
+    "completion_tokens",
+    "client_addr",
+    "error",
+)
+_REQUEST_TYPES = (
+    "text",
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "text",
+    "int",
+    "float8",
+    "float8",
+    "int8",
+    "int8",
+    "text",
+    "bool",
+    "int",
+    "int",
+    "text",
+    "text",
+)
+# One statement per batch, and ON CONFLICT makes a replayed spool harmless.
+_INSERT_REQUESTS = (
+    f"INSERT INTO llama_requests ({', '.join(REQUEST_COLUMNS)}) "
+    f"SELECT * FROM unnest("
+    + ", ".join(f"${i + 1}::{kind}[]" for i, kind in enumerate(_REQUEST_TYPES))
+    + ") ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+async def insert_requests(pool: asyncpg.Pool, rows: Sequence[Sequence[object]]) -> None:
+    """Insert request-log rows, given as tuples in REQUEST_COLUMNS order."""
+    columns = [list(column) for column in zip(*rows, strict=True)]
+    await pool.execute(_INSERT_REQUESTS, *columns)
