@@ -265,12 +265,16 @@ def database_dsn(values: Mapping[str, Any]) -> str:
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with its password replaced, fit for errors and logs."""
+    """The DSN with its password (in the user part or the query) replaced, for errors and logs."""
     parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "&".join(
+        f"{name}=***" if name.lower() == "password" else f"{name}={value}" if sep else name
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:

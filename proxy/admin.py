@@ -1,0 +1,678 @@
+"""The user-admin CLI, `python -m proxy.admin`; bin/user_management_cli.sh runs it.
+
+Each command is a small function whose docstring is its --help. The SQL lives in
+proxy.accounts; domain errors become `error: ...` lines and exit codes only here, in
+AdminGroup.invoke. Exit codes: 0 ok, 1 failure (database unreachable), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import dataclasses
+import functools
+import io
+import json
+import os
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+import click
+
+from proxy import accounts, store
+from proxy.config import database_dsn
+from proxy.migrations import migrate, schema_version
+
+EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
+DURATION_PATTERN = re.compile(r"(\d{1,9})\s*([smhdw])")
+MAX_DURATION = timedelta(days=36_525)
+DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+NO_DATABASE = (
+    "no database configured: run this through bin/user_management_cli.sh, which finds the "
+    "private cluster or the server set in .env, or set POSTGRES_AUTH_DSN"
+)
+BAD_DSN = (
+    "the database address is not a valid postgresql://user:password@host:port/db URL; "
+    "check POSTGRES_AUTH_DSN, or POSTGRES_AUTH_HOST, _PORT, _DB, _USER and _PASSWORD"
+)
+USAGE_FIELDS = [field.name for field in dataclasses.fields(accounts.UsageRow)]
+T = TypeVar("T")
+
+
+class AdminError(click.ClickException):
+    """A message for the operator, printed as `error: ...`, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@dataclass(frozen=True)
+class AdminEnv:
+    """What the commands take from the environment."""
+
+    dsn: str
+    gateway_url: str
+
+
+def read_environment(environ: Mapping[str, str]) -> AdminEnv:
+    """The only place that reads the environment; checks wait until a command needs them."""
+    port = environ.get("LLAMA_PROXY_PORT", "").strip() or "8001"
+    return AdminEnv(dsn=database_dsn(environ), gateway_url=f"http://localhost:{port}")
+
+
+def checked_dsn(env: AdminEnv) -> str:
+    if not env.dsn:
+        raise AdminError(NO_DATABASE)
+    try:
+        parts = urlsplit(env.dsn)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise AdminError(BAD_DSN, EXIT_BAD_INPUT) from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise AdminError(BAD_DSN, EXIT_BAD_INPUT)
+    return env.dsn
+
+
+def run(
+    env: AdminEnv,
+    action: Callable[[asyncpg.Connection], Awaitable[T]],
+    *,
+    should_migrate: bool = True,
+) -> T:
+    """Run one action on one fresh connection, after bringing the schema up to date."""
+    return asyncio.run(run_on_connection(checked_dsn(env), action, should_migrate))
+
+
+async def run_on_connection(
+    dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]], should_migrate: bool
+) -> T:
+    try:
+        conn = await store.connect(dsn)
+    except ValueError:
+        raise AdminError(BAD_DSN, EXIT_BAD_INPUT) from None
+    try:
+        if should_migrate:
+            applied = await migrate(conn)
+            if applied:
+                click.echo(f"note: set up the schema (migrations {applied})", err=True)
+        return await action(conn)
+    except store.UNAVAILABLE_ERRORS as error:
+        raise store.unreachable(dsn, error) from None
+    finally:
+        with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
+            await conn.close(timeout=store.CONNECT_TIMEOUT_SECONDS)
+
+
+class AdminGroup(click.Group):
+    """Turns domain errors into `error: ...` and an exit code, at the edge."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except accounts.AccountError as error:
+            raise AdminError(str(error), EXIT_BAD_INPUT) from None
+        except store.StoreError as error:
+            raise AdminError(str(error)) from None
+        except asyncpg.PostgresError as error:
+            raise AdminError(f"the database refused: {error}") from None
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90d', '24h', '30m', '2w' or '45s' as a timedelta; ValueError otherwise."""
+    match = DURATION_PATTERN.fullmatch(text.strip().lower())
+    if not match or int(match[1]) == 0:
+        raise ValueError(f"invalid duration {text!r}: use a number and a unit, such as 7d or 24h")
+    try:
+        duration = timedelta(**{DURATION_UNITS[match[2]]: int(match[1])})
+    except OverflowError:
+        duration = MAX_DURATION * 2
+    if duration > MAX_DURATION:
+        raise ValueError(f"invalid duration {text!r}: at most 100 years")
+    return duration
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """A duration back from now ('7d'), or a date or time ('2026-11-01', UTC unless given)."""
+    with contextlib.suppress(ValueError):
+        return now - parse_duration(text)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"invalid --since {text!r}: use a duration such as 7d or 24h, "
+            f"or a date such as 2026-11-01"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def describe_duration(duration: timedelta) -> str:
+    """'90 days' rather than timedelta's '90 days, 0:00:00'."""
+    if duration.seconds or duration.microseconds:
+        return str(duration)
+    return f"{duration.days} day{'s' if duration.days != 1 else ''}"
+
+
+def since_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_since(value, datetime.now(UTC))
+    except ValueError as error:
+        raise AdminError(str(error), EXIT_BAD_INPUT) from None
+
+
+def duration_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise AdminError(str(error), EXIT_BAD_INPUT) from None
+
+
+def user_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command its user as NAME or --username NAME, passed on as `username`."""
+
+    @click.argument("name", required=False, metavar="[NAME]")
+    @click.option("--username", "-u", "option_name", metavar="NAME", help="The user.")
+    @functools.wraps(command)
+    def with_username(*args: Any, name: str | None, option_name: str | None, **kwargs: Any) -> Any:
+        return command(*args, username=pick_username(name, option_name), **kwargs)
+
+    return with_username
+
+
+def pick_username(name: str | None, option_name: str | None) -> str:
+    if name and option_name and name != option_name:
+        raise AdminError(f"two users given ({name!r}, {option_name!r}); give one", EXIT_BAD_INPUT)
+    username = name or option_name
+    if not username:
+        raise AdminError("which user? give NAME or --username NAME", EXIT_BAD_INPUT)
+    return accounts.validate_username(username)
+
+
+def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(command)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def when(moment: datetime | None, default: str = "-") -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else default
+
+
+def record(row: Any) -> dict[str, Any]:
+    """A dataclass row as a JSON-ready dict, times in ISO 8601."""
+    values = {field.name: getattr(row, field.name) for field in dataclasses.fields(row)}
+    return {name: iso(v) if isinstance(v, datetime) else v for name, v in values.items()}
+
+
+def describe_limit(rate_limit: int | None) -> str:
+    return "default" if rate_limit is None else f"{rate_limit}/window"
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def echo_csv(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    click.echo(out.getvalue(), nl=False)
+
+
+def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> None:
+    cells = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(indent + line.rstrip())
+
+
+def echo_new_key(env: AdminEnv, issued: accounts.IssuedKey) -> None:
+    """The one place a key is ever printed."""
+    secret = issued.new_key.secret_key
+    click.echo(
+        f"API key for {issued.username!r} (key id {issued.new_key.key_id}, "
+        f"expires {when(issued.expires_at, 'never')}):\n\n    {secret}\n\n"
+        f"Save it now: it cannot be shown again (only its SHA-256 digest is stored).\n"
+        f"Try it:\n    curl -H 'Authorization: Bearer {secret}' {env.gateway_url}/v1/models"
+    )
+
+
+def key_json(issued: accounts.IssuedKey) -> dict[str, Any]:
+    return {
+        "username": issued.username,
+        "key_id": issued.new_key.key_id,
+        "api_key": issued.new_key.secret_key,
+        "expires_at": iso(issued.expires_at),
+    }
+
+
+@click.group(cls=AdminGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def cli(ctx: click.Context) -> None:
+    """Manage llamagate's users and their API keys.
+
+    The database comes from POSTGRES_AUTH_DSN (or POSTGRES_AUTH_HOST and friends);
+    bin/user_management_cli.sh sets it for you. Every command first creates or updates
+    the schema if needed, so init-db is optional. Exit codes: 0 ok, 1 failure (such as
+    an unreachable database), 2 bad input.
+
+    \b
+    Example:
+        bin/user_management_cli.sh create-user --username alice
+        bin/user_management_cli.sh usage --since 7d
+    """
+    if ctx.obj is None:
+        ctx.obj = read_environment(os.environ)
+
+
+@cli.command("init-db")
+@click.pass_obj
+def init_db(env: AdminEnv) -> None:
+    """Create or migrate the schema; safe to run any number of times.
+
+    \b
+    Example:
+        bin/user_management_cli.sh init-db
+    """
+
+    async def migrate_schema(conn: asyncpg.Connection) -> tuple[list[int], int]:
+        return await migrate(conn), await schema_version(conn)
+
+    applied, version = run(env, migrate_schema, should_migrate=False)
+    done = f"applied migrations {applied}" if applied else "already up to date"
+    click.echo(f"schema at version {version}: {done}")
+
+
+@cli.command("create-user")
+@user_argument
+@click.option(
+    "--rate-limit", type=int, metavar="N", help="Requests per window [default: the gateway's]."
+)
+@click.option("--expires-days", type=int, metavar="D", help="The key stops working after D days.")
+@json_option
+@click.pass_obj
+def create_user(
+    env: AdminEnv,
+    username: str,
+    rate_limit: int | None,
+    expires_days: int | None,
+    as_json: bool,
+) -> None:
+    """Create a user and its first API key, and print the key (only this once).
+
+    Names are 1-64 letters, digits, '.', '_', '-' or '@'.
+
+    \b
+    Example:
+        bin/user_management_cli.sh create-user --username alice
+        bin/user_management_cli.sh create-user -u ci-bot --rate-limit 600 --expires-days 90
+    """
+    accounts.validate_rate_limit(rate_limit)
+    accounts.key_lifetime(expires_days)
+    user, issued = run(
+        env,
+        functools.partial(
+            accounts.create_user,
+            username=username,
+            rate_limit=rate_limit,
+            expires_days=expires_days,
+        ),
+    )
+    if as_json:
+        echo_json({**key_json(issued), "rate_limit": user.rate_limit})
+        return
+    click.echo(f"created user {username!r} (rate limit: {describe_limit(user.rate_limit)})")
+    echo_new_key(env, issued)
+
+
+@cli.command("list-users")
+@json_option
+@click.pass_obj
+def list_users(env: AdminEnv, as_json: bool) -> None:
+    """List every user: status, rate limit and working keys (never the keys themselves).
+
+    \b
+    Example:
+        bin/user_management_cli.sh list-users
+    """
+    users = run(env, accounts.list_users)
+    if as_json:
+        echo_json([record(user) for user in users])
+    elif not users:
+        click.echo("no users yet; create one with: create-user --username NAME")
+    else:
+        echo_table(
+            ("USER", "STATUS", "RATE LIMIT", "ACTIVE KEYS", "CREATED"),
+            (
+                (
+                    u.username,
+                    status(u),
+                    describe_limit(u.rate_limit),
+                    u.active_keys,
+                    when(u.created_at),
+                )
+                for u in users
+            ),
+        )
+
+
+def status(user: accounts.UserRow) -> str:
+    return "disabled" if user.is_disabled else "active"
+
+
+@cli.command("show-user")
+@user_argument
+@json_option
+@click.pass_obj
+def show_user(env: AdminEnv, username: str, as_json: bool) -> None:
+    """Show a user, its keys by id, and its request count.
+
+    \b
+    Example:
+        bin/user_management_cli.sh show-user alice
+    """
+    detail = run(env, functools.partial(accounts.show_user, username=username))
+    user = detail.user
+    if as_json:
+        echo_json(
+            {
+                **record(user),
+                "request_count": detail.request_count,
+                "last_request_at": iso(detail.last_request_at),
+                "keys": [record(key) for key in detail.keys],
+            }
+        )
+        return
+    click.echo(f"user:        {user.username}")
+    click.echo(f"status:      {status(user)}")
+    click.echo(f"rate limit:  {describe_limit(user.rate_limit)}")
+    click.echo(f"created:     {when(user.created_at)}")
+    click.echo(f"requests:    {detail.request_count} (last: {when(detail.last_request_at)})")
+    click.echo("keys:")
+    echo_table(
+        ("KEY ID", "STATE", "CREATED", "EXPIRES", "REVOKED"),
+        (
+            (k.key_id, k.state, when(k.created_at), when(k.expires_at, "never"), when(k.revoked_at))
+            for k in detail.keys
+        ),
+        indent="  ",
+    )
+
+
+@cli.command("disable-user")
+@user_argument
+@click.pass_obj
+def disable_user(env: AdminEnv, username: str) -> None:
+    """Disable a user: all its keys stop working within a second, on every gateway.
+
+    \b
+    Example:
+        bin/user_management_cli.sh disable-user alice
+    """
+    is_changed = run(
+        env, functools.partial(accounts.set_disabled, username=username, is_disabled=True)
+    )
+    click.echo(
+        f"disabled user {username!r}" if is_changed else f"{username!r} was already disabled"
+    )
+
+
+@cli.command("enable-user")
+@user_argument
+@click.pass_obj
+def enable_user(env: AdminEnv, username: str) -> None:
+    """Enable a disabled user again; its keys that are not revoked or expired work again.
+
+    \b
+    Example:
+        bin/user_management_cli.sh enable-user alice
+    """
+    is_changed = run(
+        env, functools.partial(accounts.set_disabled, username=username, is_disabled=False)
+    )
+    click.echo(f"enabled user {username!r}" if is_changed else f"{username!r} was already enabled")
+
+
+@cli.command("delete-user")
+@user_argument
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def delete_user(env: AdminEnv, username: str, yes: bool) -> None:
+    """Delete a user and all its keys. Its rows in the request log stay.
+
+    \b
+    Example:
+        bin/user_management_cli.sh delete-user alice
+        bin/user_management_cli.sh delete-user alice -y
+    """
+    if not yes:
+        detail = run(env, functools.partial(accounts.show_user, username=username))
+        click.confirm(
+            f"delete user {username!r} and its {len(detail.keys)} key(s)? "
+            f"(its {detail.request_count} logged requests stay)",
+            abort=True,
+        )
+    run(env, functools.partial(accounts.delete_user, username=username))
+    click.echo(f"deleted user {username!r} and its keys")
+
+
+@cli.command("add-key")
+@user_argument
+@click.option("--expires-days", type=int, metavar="D", help="The key stops working after D days.")
+@json_option
+@click.pass_obj
+def add_key(
+    env: AdminEnv,
+    username: str,
+    expires_days: int | None,
+    as_json: bool,
+) -> None:
+    """Give a user one more API key, and print it (only this once).
+
+    \b
+    Example:
+        bin/user_management_cli.sh add-key alice --expires-days 30
+    """
+    accounts.key_lifetime(expires_days)
+    issued = run(
+        env, functools.partial(accounts.add_key, username=username, expires_days=expires_days)
+    )
+    if as_json:
+        echo_json(key_json(issued))
+    else:
+        echo_new_key(env, issued)
+
+
+@cli.command("revoke-key")
+@click.argument("key_id")
+@click.pass_obj
+def revoke_key(env: AdminEnv, key_id: str) -> None:
+    """Revoke one key by its id: it stops working within a second, on every gateway.
+
+    \b
+    Example:
+        bin/user_management_cli.sh show-user alice      # lists the key ids
+        bin/user_management_cli.sh revoke-key 0123456789ab
+    """
+    username = run(env, functools.partial(accounts.revoke_key, key_id=key_id.strip().lower()))
+    click.echo(f"revoked key {key_id} of user {username!r}")
+
+
+@cli.command("rotate-key")
+@user_argument
+@click.option(
+    "--grace-hours",
+    type=click.FloatRange(min=0, max=MAX_DURATION.days * 24),
+    default=accounts.DEFAULT_ROTATION_GRACE.total_seconds() / 3600,
+    show_default=True,
+    help="How long the old keys keep working.",
+)
+@click.option("--revoke-old", is_flag=True, help="Revoke the old keys at once instead.")
+@click.option(
+    "--expires-days", type=int, metavar="D", help="The new key stops working after D days."
+)
+@json_option
+@click.pass_obj
+def rotate_key(
+    env: AdminEnv,
+    username: str,
+    grace_hours: float,
+    revoke_old: bool,
+    expires_days: int | None,
+    as_json: bool,
+) -> None:
+    """Give a user a new key; its other keys expire after a grace period (or at once).
+
+    \b
+    Example:
+        bin/user_management_cli.sh rotate-key --username alice
+        bin/user_management_cli.sh rotate-key --username alice --revoke-old
+    """
+    accounts.key_lifetime(expires_days)
+    issued, old_keys = run(
+        env,
+        functools.partial(
+            accounts.rotate_key,
+            username=username,
+            grace=timedelta(hours=grace_hours),
+            is_revoking_old=revoke_old,
+            expires_days=expires_days,
+        ),
+    )
+    if as_json:
+        echo_json({**key_json(issued), "old_keys": [record(key) for key in old_keys]})
+        return
+    echo_new_key(env, issued)
+    for key in old_keys:
+        fate = "revoked" if key.revoked_at else f"expires {when(key.expires_at)}"
+        click.echo(f"old key {key.key_id}: {fate}")
+    if not old_keys:
+        click.echo("the user had no other working keys")
+
+
+@cli.command("set-limit")
+@click.argument("values", nargs=-1, metavar="[NAME] LIMIT")
+@click.option("--username", "-u", "option_name", metavar="NAME", help="The user.")
+@click.pass_obj
+def set_limit(env: AdminEnv, values: tuple[str, ...], option_name: str | None) -> None:
+    """Set a user's rate limit: LIMIT requests per window, or 'default' for the gateway's.
+
+    The window is LLAMA_PROXY_RATE_WINDOW_SECONDS; the default LLAMA_PROXY_RATE_LIMIT.
+
+    \b
+    Example:
+        bin/user_management_cli.sh set-limit --username alice 600
+        bin/user_management_cli.sh set-limit --username alice default
+    """
+    if len(values) != (1 if option_name else 2):
+        raise AdminError(
+            "give the user and the limit: set-limit --username NAME LIMIT", EXIT_BAD_INPUT
+        )
+    username = pick_username(values[0] if len(values) == 2 else None, option_name)
+    rate_limit = parse_limit(values[-1])
+    run(env, functools.partial(accounts.set_limit, username=username, rate_limit=rate_limit))
+    click.echo(f"rate limit of {username!r}: {describe_limit(rate_limit)}")
+
+
+def parse_limit(text: str) -> int | None:
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return accounts.validate_rate_limit(int(text))
+    except ValueError:
+        raise AdminError(
+            f"invalid limit {text!r}: give a number of requests per window, or 'default'",
+            EXIT_BAD_INPUT,
+        ) from None
+
+
+@cli.command()
+@click.option("--since", callback=since_option, metavar="WHEN", help="7d, 24h or 2026-11-01.")
+@click.option("--user", "username", metavar="NAME", help="Only this user.")
+@json_option
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
+@click.pass_obj
+def usage(
+    env: AdminEnv, since: datetime | None, username: str | None, as_json: bool, as_csv: bool
+) -> None:
+    """Requests, errors, tokens and latency per user, from the request log.
+
+    Unauthenticated requests (401s) are counted under an empty user.
+
+    \b
+    Example:
+        bin/user_management_cli.sh usage --since 7d
+        bin/user_management_cli.sh usage --since 2026-11-01 --user alice --csv
+    """
+    if as_json and as_csv:
+        raise AdminError("choose one of --json and --csv", EXIT_BAD_INPUT)
+    if username is not None:
+        accounts.validate_username(username)
+    rows = run(env, functools.partial(accounts.usage, since=since, username=username))
+    records = [record(row) for row in rows]
+    if as_json:
+        echo_json(records)
+    elif as_csv:
+        echo_csv(records, USAGE_FIELDS)
+    elif not rows:
+        click.echo("no requests logged in that period")
+    else:
+        echo_table(
+            ("USER", "REQUESTS", "ERRORS", "PROMPT TOK", "COMPL TOK", "AVG MS", "LAST"),
+            (
+                (
+                    r.username or "-",
+                    r.requests,
+                    r.errors,
+                    r.prompt_tokens,
+                    r.completion_tokens,
+                    f"{r.avg_duration_ms:.1f}",
+                    when(r.last_request_at),
+                )
+                for r in rows
+            ),
+        )
+
+
+@cli.command()
+@click.option(
+    "--older-than", required=True, callback=duration_option, metavar="AGE", help="Such as 90d."
+)
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def prune(env: AdminEnv, older_than: timedelta, yes: bool) -> None:
+    """Delete request-log rows older than AGE (s, m, h, d or w).
+
+    \b
+    Example:
+        bin/user_management_cli.sh prune --older-than 90d -y    # e.g. nightly from cron
+    """
+    if not yes:
+        count = run(env, functools.partial(accounts.count_older_requests, older_than=older_than))
+        age = describe_duration(older_than)
+        click.confirm(f"delete {count} request-log row(s) older than {age}?", abort=True)
+    deleted = run(env, functools.partial(accounts.prune, older_than=older_than))
+    click.echo(f"deleted {deleted} request-log row(s) older than {describe_duration(older_than)}")
+
+
+def main() -> None:
+    cli(prog_name="user_management_cli.sh")
+
+
+if __name__ == "__main__":
+    main()
