@@ -101,7 +101,8 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
     # auto_decompress off: bytes are relayed as they come, never re-encoded.
     session = aiohttp.ClientSession(
         timeout=timeout,
-        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+        # Below uvicorn's 5 s keep-alive, so a pooled connection is dropped here first.
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
         auto_decompress=False,
     )
     app[appkeys.FORWARDER] = Forwarder(

@@ -34,7 +34,8 @@ JSON_ROUTES = (
 MODELS_ROUTE = "/v1/models"
 RETRY_INTERVAL_SECONDS = 0.1
 CLIENT_GONE = 499
-CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError)
+# Failures before any answer arrived: refused, reset, or a pooled connection gone stale.
+CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
 
 
 class UsageCounter:
@@ -128,13 +129,16 @@ class Forwarder:
     ) -> aiohttp.ClientResponse:
         """The upstream response; waits out a restart, else 502/503."""
         deadline = time.monotonic() + self.wait_seconds
+        attempt = 0
         while True:
+            attempt += 1
             try:
                 return await self.session.request(
                     method, self.backend_url + route, data=body or None, headers=headers
                 )
             except CONNECT_ERRORS as error:
-                if not self.is_restarting():
+                # A first failure may be a pooled connection the backend had just closed.
+                if not self.is_restarting() and attempt > 1:
                     raise bad_gateway(
                         f"the model backend is not reachable ({type(error).__name__}); "
                         f"the operator can check it with ./console.sh status"
@@ -145,7 +149,8 @@ class Forwarder:
                         retry_after=self.wait_seconds,
                         code="backend_restarting",
                     ) from None
-                await asyncio.sleep(RETRY_INTERVAL_SECONDS)
+                if attempt > 1:
+                    await asyncio.sleep(RETRY_INTERVAL_SECONDS)
             except TimeoutError:
                 raise GatewayError(
                     504, "the model backend did not answer in time", "server_error", "timeout"

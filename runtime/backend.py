@@ -22,7 +22,7 @@ READINESS_PATH = "/openapi.json"
 
 # Variables the backend may see. Everything else, above all HOST, PORT, MODEL and
 # API_KEY in any letter case, is dropped.
-_PASSED_NAMES = frozenset(
+PASSED_NAMES = frozenset(
     {
         "PATH",
         "HOME",
@@ -48,7 +48,7 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
         "--model",
         str(model_path),
         "--host",
-        settings["LLAMA_SERVER_HOST"],
+        settings.backend_host,
         "--port",
         str(settings["LLAMA_SERVER_PORT"]),
         # The gateway (or the client) owns queueing; a queued request must never cut a
@@ -73,7 +73,7 @@ def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[
     cleaned = {
         name: value
         for name, value in environ.items()
-        if name in _PASSED_NAMES or name.startswith(_PASSED_PREFIXES)
+        if name in PASSED_NAMES or name.startswith(_PASSED_PREFIXES)
     }
     if settings["LLAMA_API_KEY"]:
         cleaned["API_KEY"] = settings["LLAMA_API_KEY"]
@@ -83,10 +83,15 @@ def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[
 
 def is_answering(base_url: str, timeout: float = 1.0) -> bool:
     """True if GET /openapi.json answers 200 (the model is loaded and the port is open)."""
+    return answers_http(base_url, READINESS_PATH, timeout)
+
+
+def answers_http(base_url: str, path: str, timeout: float) -> bool:
+    """True if GET base_url + path answers 200 within timeout."""
     host_port = base_url.removeprefix("http://")
     connection = http.client.HTTPConnection(host_port, timeout=timeout)
     try:
-        connection.request("GET", READINESS_PATH)
+        connection.request("GET", path)
         return connection.getresponse().status == 200
     except OSError:
         return False

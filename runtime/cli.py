@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 
 import click
 
@@ -28,20 +29,29 @@ from runtime.cli_support import (
 from runtime.lock import console_lock
 from runtime.modelfiles import ModelError
 from runtime.settings import ConfigError, Paths, Settings, paths_from_env
-from runtime.supervisor import SERVING, STOPPED, BackendSupervisor, StartError
+from runtime.supervisor import SERVING, STOPPED, BackendSupervisor, ComponentStatus
 
 STATUS_EXIT_CODES = {SERVING: 0, STOPPED: EXIT_STOPPED}
 
 
 def report_started(result: service.StartResult) -> None:
     status = result.status
+    public = result.gateway or status
     if result.was_running:
-        click.echo(f"already serving at {status.url} (pid {status.pid}); nothing to do")
+        click.echo(f"already serving at {public.url} (pid {public.pid}); nothing to do")
         return
-    click.echo(f"serving {os.path.basename(status.model or '')} at {status.url} (pid {status.pid})")
+    model = os.path.basename(status.model or "")
+    if result.gateway is None:
+        click.echo(f"serving {model} at {status.url} (pid {status.pid})")
+        click.echo(
+            "clients send the key from LLAMA_API_KEY in runtime/config.env as "
+            "'Authorization: Bearer KEY'; see agents.md"
+        )
+        return
+    click.echo(f"serving {model} behind the gateway at {public.url}/v1 (pid {public.pid})")
     click.echo(
-        "clients send the key from LLAMA_API_KEY in runtime/config.env as "
-        "'Authorization: Bearer KEY'; see agents.md"
+        "create a user and their key with: ./bin/user_management_cli.sh create-user "
+        "--username NAME; see agents.md"
     )
 
 
@@ -104,7 +114,7 @@ def run_foreground(settings: Settings) -> int:
             raise start_failure(error, settings) from None
     try:
         return ForegroundSupervisor(settings, click.echo).run(model_path)
-    except StartError as error:
+    except START_ERRORS as error:
         raise start_failure(error, settings) from None
 
 
@@ -160,7 +170,9 @@ def restart(paths: Paths, model: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
 def status(paths: Paths, as_json: bool) -> None:
-    """Show whether the backend serves. Exit 0 serving, 3 stopped, 1 degraded.
+    """Show whether each part serves. Exit 0 all serving, 3 all stopped, 1 otherwise.
+
+    In gateway mode the parts are the database, the backend and the gateway.
 
     \b
     Example:
@@ -168,40 +180,33 @@ def status(paths: Paths, as_json: bool) -> None:
         ./console.sh status --json
     """
     settings = load_leniently(paths)
-    backend = BackendSupervisor(settings).status()
+    statuses = service.component_statuses(settings)
+    state = service.overall_state(statuses)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "state": backend.state,
-                    "backend": {
-                        "state": backend.state,
-                        "pid": backend.pid,
-                        "url": backend.url,
-                        "model": backend.model,
-                        "started_at": backend.started_at,
-                        "detail": backend.detail,
-                    },
-                },
-                indent=2,
-            )
-        )
+        parts = {name: asdict(status) for name, status in statuses.items()}
+        click.echo(json.dumps({"state": state, **parts}, indent=2))
     else:
-        line = f"backend: {backend.state}"
-        if backend.pid:
-            uptime = time.time() - (backend.started_at or time.time())
-            line += (
-                f"  pid {backend.pid}  {backend.url}  "
-                f"model {os.path.basename(backend.model or '')}  up {uptime:.0f}s"
-            )
-        click.echo(line)
-        if backend.detail:
-            click.echo(f"  {backend.detail}")
-    sys.exit(STATUS_EXIT_CODES.get(backend.state, EXIT_FAILURE))
+        for name, status in statuses.items():
+            click.echo(describe_status(name, status))
+    sys.exit(STATUS_EXIT_CODES.get(state, EXIT_FAILURE))
+
+
+def describe_status(name: str, status: ComponentStatus) -> str:
+    line = f"{name + ':':<10} {status.state}"
+    if status.pid:
+        uptime = time.time() - (status.started_at or time.time())
+        line += f"  pid {status.pid}  {status.url}  up {uptime:.0f}s"
+        if status.model:
+            line += f"  model {os.path.basename(status.model)}"
+    elif status.state != STOPPED or name == "database":
+        line += f"  {status.url}"
+    if status.detail:
+        line += f"\n  {status.detail}"
+    return line
 
 
 @cli.command()
-@click.argument("component", type=click.Choice(["backend"]), default="backend")
+@click.argument("component", type=click.Choice(["backend", "proxy", "db"]), default="backend")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option(
     "-n",
@@ -219,6 +224,8 @@ def logs(paths: Paths, component: str, follow: bool, lines: int) -> None:
     Example:
         ./console.sh logs -n 100
         ./console.sh logs backend -f
+        ./console.sh logs proxy      # the gateway
+        ./console.sh logs db         # the private PostgreSQL
     """
     log = paths.logs_dir / f"{component}.log"
     if not log.is_file():
@@ -243,9 +250,11 @@ def ensure(paths: Paths) -> None:
         if not is_locked:
             return
         down = service.needs_start(settings)
-        if down is None:
+        if not down:
             return
-        click.echo(f"ensure: backend was {down.state}{': ' + down.detail if down.detail else ''}")
+        for name, status in down.items():
+            detail = f": {status.detail}" if status.detail else ""
+            click.echo(f"ensure: {name} was {status.state}{detail}")
         try:
             result = service.start(settings, click.echo)
         except START_ERRORS as error:

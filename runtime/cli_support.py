@@ -7,13 +7,14 @@ from collections.abc import Callable
 import click
 
 from runtime import bootstrap
+from runtime.database import DatabaseError
 from runtime.modelfiles import ModelError
 from runtime.settings import ConfigError, Paths, Settings, load_settings
 from runtime.supervisor import StartError
 
 EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 3
 # What starting can raise; start_failure turns each into a message and an exit code.
-START_ERRORS = (StartError, ModelError, ConfigError)
+START_ERRORS = (StartError, ModelError, ConfigError, DatabaseError)
 
 
 class ConsoleError(click.ClickException):
@@ -59,7 +60,7 @@ def start_failure(error: Exception, settings: Settings) -> ConsoleError:
     """Turn a domain error from starting into one line (plus the log's tail)."""
     if isinstance(error, ConfigError | ModelError):
         return ConsoleError(str(error), EXIT_BAD_INPUT)
-    log = settings.paths.logs_dir / "backend.log"
+    log = getattr(error, "log_path", None) or settings.paths.logs_dir / "backend.log"
     tail = getattr(error, "log_tail", "")
     detail = f"--- last lines of {log} ---\n{tail}" if tail else ""
     return ConsoleError(str(error), EXIT_FAILURE, detail)

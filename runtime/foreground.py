@@ -15,9 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runtime import service
+from runtime.database import Database
+from runtime.gateway import GatewaySupervisor
 from runtime.lock import console_lock
 from runtime.modelfiles import ModelError
-from runtime.procs import PidRecord, is_alive, remove_pidfile, write_pidfile
+from runtime.procs import PidRecord, is_alive, read_pidfile, remove_pidfile, write_pidfile
 from runtime.settings import Settings
 from runtime.supervisor import BackendSupervisor, Launch, StartError
 
@@ -32,12 +34,13 @@ class ForegroundSupervisor:
         self.settings = settings
         self.echo = echo
         self.backend = BackendSupervisor(settings, echo=echo)
+        self.gateway = GatewaySupervisor(settings, echo=echo)
         self.pidfile = settings.paths.run_dir / service.FOREGROUND_PIDFILE
         self.crash_times: list[float] = []
         self.is_stop_requested = False
 
     def handle_term(self, signum: int, frame: object) -> None:
-        self.echo(f"received {signal.Signals(signum).name}; stopping the backend")
+        self.echo(f"received {signal.Signals(signum).name}; stopping")
         self.is_stop_requested = True
 
     def run(self, model_path: Path) -> int:
@@ -48,6 +51,7 @@ class ForegroundSupervisor:
             self.pidfile, PidRecord(pid=os.getpid(), marker="--foreground", started_at=time.time())
         )
         try:
+            self._start_gateway_side()
             process = self._launch(model_path)  # a first failure is not retried
             while not self.is_stop_requested:
                 returncode = self._wait_for_exit(process)
@@ -62,18 +66,39 @@ class ForegroundSupervisor:
                 return 0
             raise
         finally:
-            self.backend.stop()
+            service.stop(self.settings, self.echo)
             remove_pidfile(self.pidfile)
 
-    def _launch(self, model_path: Path) -> Launch:
+    def _start_gateway_side(self) -> None:
+        """In gateway mode: the database, then the gateway (which waits for the backend)."""
+        if not self.settings.is_gateway_mode:
+            return
         with console_lock(self.settings.paths.run_dir):
+            self.gateway.dsn = Database(self.settings, self.echo).ensure_running()
+            self.gateway.start()
+        self.echo(f"the gateway serves at {self.gateway.url}")
+
+    def _launch(self, model_path: Path) -> Launch:
+        self.backend.model_path = model_path
+        run_dir = self.settings.paths.run_dir
+        with console_lock(run_dir), service.holding_requests(self.settings):
             self.backend.check_port_free()
-            process = self.backend.launch(model_path)
-            self.backend.wait_until_ready(
-                process, model_path, is_cancelled=lambda: self.is_stop_requested
-            )
+            process = self.backend.launch()
+            self.backend.wait_until_ready(process, is_cancelled=lambda: self.is_stop_requested)
         self.echo(f"serving {model_path.name} at {self.backend.url} (pid {process.pid})")
         return process
+
+    def _keep_gateway_up(self) -> None:
+        """Restart the gateway if it has died; it holds no state that a restart loses."""
+        record = read_pidfile(self.gateway.pidfile)
+        if not self.settings.is_gateway_mode or (record is not None and is_alive(record)):
+            return
+        self.echo("the gateway has exited; starting it again")
+        try:
+            with console_lock(self.settings.paths.run_dir):
+                self.gateway.start()
+        except StartError as error:
+            self.echo(f"the gateway did not start: {error}")
 
     def _wait_for_exit(self, process: Launch) -> int | None:
         """The backend's exit code, or None once a stop is requested."""
@@ -81,6 +106,7 @@ class ForegroundSupervisor:
             returncode = process.poll()
             if returncode is not None:
                 return returncode
+            self._keep_gateway_up()
             time.sleep(0.2)
         return None
 

@@ -1,4 +1,8 @@
-"""The console's actions on the running service: start, stop, restart, ensure.
+"""The console's actions on the running service: start, stop, restart, ensure, status.
+
+In gateway mode the service is three parts, started in this order and stopped in the
+reverse one: the database (the private cluster, unless the operator has their own), the
+backend, and the gateway. In single-key mode it is the backend alone.
 
 Callers hold the console lock. Errors are domain errors; cli.py turns them into messages
 and exit codes.
@@ -6,22 +10,27 @@ and exit codes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.database import Database
+from runtime.gateway import GatewaySupervisor
 from runtime.modelfiles import find_readable_model
 from runtime.procs import is_alive, read_pidfile
 from runtime.settings import ConfigError, Settings
-from runtime.supervisor import SERVING, BackendStatus, BackendSupervisor
+from runtime.supervisor import DEGRADED, SERVING, STOPPED, BackendSupervisor, ComponentStatus
 
 FOREGROUND_PIDFILE = "supervisor.pid"
+Echo = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class StartResult:
-    status: BackendStatus
+    status: ComponentStatus  # the backend
     was_running: bool
+    gateway: ComponentStatus | None = None
 
 
 def model_to_serve(settings: Settings) -> Path:
@@ -40,25 +49,72 @@ def check_ready_to_start(settings: Settings) -> Path:
     return model_to_serve(settings)
 
 
-def start(settings: Settings, echo: Callable[[str], None]) -> StartResult:
-    """Start the backend unless it already serves; return once it answers."""
-    supervisor = BackendSupervisor(settings, echo=echo)
-    current = supervisor.status()
-    if current.is_serving:
-        return StartResult(current, was_running=True)
+def start(settings: Settings, echo: Echo) -> StartResult:
+    """Start whatever is not serving yet; return once everything answers."""
     model_path = check_ready_to_start(settings)
-    if supervisor.stop():
+    dsn = Database(settings, echo).ensure_running() if settings.is_gateway_mode else ""
+    backend = BackendSupervisor(settings, echo=echo, model_path=model_path)
+    current = backend.status()
+    was_running = current.is_serving
+    if not was_running:
+        start_backend(backend, current, echo)
+    if not settings.is_gateway_mode:
+        return StartResult(backend.status(), was_running)
+    gateway = GatewaySupervisor(settings, dsn, echo=echo)
+    gateway_status = gateway.status()
+    if not gateway_status.is_serving:
+        was_running = False
+        if gateway.stop():
+            echo(f"stopped a gateway that did not answer (pid {gateway_status.pid})")
+        echo(f"starting the gateway on {gateway.url}")
+        gateway.start()
+    return StartResult(backend.status(), was_running, gateway.status())
+
+
+def start_backend(backend: BackendSupervisor, current: ComponentStatus, echo: Echo) -> None:
+    if backend.stop():
         echo(f"stopped a backend that did not answer (pid {current.pid})")
-    echo(f"starting llama_cpp.server with {model_path.name} on {supervisor.url}")
-    return StartResult(supervisor.start(model_path), was_running=False)
+    echo(f"starting llama_cpp.server with {backend.model_path.name} on {backend.url}")
+    with holding_requests(backend.settings):
+        backend.start()
 
 
-def stop(settings: Settings, echo: Callable[[str], None]) -> bool:
-    """Stop the backend; True if one was running."""
-    return BackendSupervisor(settings, echo=echo).stop()
+@contextlib.contextmanager
+def holding_requests(settings: Settings) -> Iterator[None]:
+    """While the backend is down on purpose, the gateway holds requests instead of failing."""
+    flag = settings.paths.restart_flag
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.touch()
+    try:
+        yield
+    finally:
+        flag.unlink(missing_ok=True)
 
 
-def stop_foreground(settings: Settings, echo: Callable[[str], None]) -> bool:
+def stop(settings: Settings, echo: Echo) -> bool:
+    """Stop the gateway, the backend and the private database; True if any was running."""
+    was_running = GatewaySupervisor(settings, echo=echo).stop()
+    was_running = BackendSupervisor(settings, echo=echo).stop() or was_running
+    database = Database(settings, echo)
+    if database.is_managed and database.stop():
+        echo("stopped the private PostgreSQL cluster")
+        was_running = True
+    return was_running
+
+
+def restart(settings: Settings, echo: Echo) -> StartResult:
+    """Restart the backend; the gateway stays up and holds requests meanwhile.
+
+    The model is checked first, so a bad one leaves the old backend serving.
+    """
+    check_ready_to_start(settings)
+    with holding_requests(settings):
+        if BackendSupervisor(settings, echo=echo).stop():
+            echo("stopped the backend")
+        return start(settings, echo)
+
+
+def stop_foreground(settings: Settings, echo: Echo) -> bool:
     """Ask a running foreground supervisor to stop everything; True once it has."""
     from runtime.foreground import stop_foreground as signal_and_wait
 
@@ -66,23 +122,38 @@ def stop_foreground(settings: Settings, echo: Callable[[str], None]) -> bool:
     return record is not None and signal_and_wait(record, settings, echo)
 
 
-def restart(settings: Settings, echo: Callable[[str], None]) -> StartResult:
-    """Stop, then start; checks the model first so a bad one leaves the old backend up."""
-    check_ready_to_start(settings)
-    if stop(settings, echo):
-        echo("stopped the backend")
-    return start(settings, echo)
-
-
 def is_foreground_running(settings: Settings) -> bool:
     record = read_pidfile(settings.paths.run_dir / FOREGROUND_PIDFILE)
     return record is not None and is_alive(record)
 
 
-def needs_start(settings: Settings) -> BackendStatus | None:
-    """For ensure: the status if something is down, or None when all is well."""
+def component_statuses(settings: Settings) -> dict[str, ComponentStatus]:
+    """Each part of the service and its state, in start order."""
+    statuses = {}
+    if settings.is_gateway_mode:
+        statuses["database"] = Database(settings).status()
+    statuses["backend"] = BackendSupervisor(settings).status()
+    if settings.is_gateway_mode:
+        statuses["gateway"] = GatewaySupervisor(settings).status()
+    return statuses
+
+
+def overall_state(statuses: dict[str, ComponentStatus]) -> str:
+    states = {status.state for status in statuses.values()}
+    if states == {SERVING}:
+        return SERVING
+    if states == {STOPPED}:
+        return STOPPED
+    return DEGRADED
+
+
+def needs_start(settings: Settings) -> dict[str, ComponentStatus]:
+    """For ensure: the parts that are not serving; empty when all is well."""
     if is_foreground_running(settings):
-        # A foreground supervisor restarts its own backend; cron must not compete.
-        return None
-    status = BackendSupervisor(settings).status()
-    return None if status.state == SERVING else status
+        # A foreground supervisor restarts its own children; cron must not compete.
+        return {}
+    return {
+        name: status
+        for name, status in component_statuses(settings).items()
+        if status.state != SERVING
+    }

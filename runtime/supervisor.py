@@ -1,4 +1,9 @@
-"""One object owns the one llama_cpp.server process: launch, readiness, status, stop."""
+"""One object per supervised process (the backend, the gateway): launch, readiness, status, stop.
+
+`ProcessSupervisor` holds what both share: the pid file checked against the command line,
+a session of its own, output through a rotating log pump, an HTTP readiness probe, and
+SIGTERM-grace-SIGKILL. Subclasses say what to run and how to probe it.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +35,14 @@ LOG_TAIL_LINES = 15
 class StartError(Exception):
     """The backend could not be started; `log_tail` holds the end of its log, if any."""
 
-    def __init__(self, message: str, log_tail: str = "") -> None:
+    def __init__(self, message: str, log_tail: str = "", log_path: Path | None = None) -> None:
         super().__init__(message)
         self.log_tail = log_tail
+        self.log_path = log_path
 
 
 @dataclass(frozen=True)
-class BackendStatus:
+class ComponentStatus:
     state: str
     url: str
     pid: int | None = None
@@ -65,8 +71,12 @@ class Launch:
         return self.process.poll()
 
 
-class BackendSupervisor:
-    """Starts, probes and stops llama_cpp.server; the pid file is the shared memory."""
+class ProcessSupervisor:
+    """Starts, probes and stops one child; the pid file is the shared memory."""
+
+    name = ""  # also the name of its pid file and log file
+    marker = ""  # a string its command line must contain
+    start_timeout_key = "LLAMA_START_TIMEOUT_SECONDS"
 
     def __init__(
         self,
@@ -77,18 +87,39 @@ class BackendSupervisor:
         self.settings = settings
         self.environ = os.environ if environ is None else environ
         self.echo = echo
-        self.pidfile = settings.paths.run_dir / "backend.pid"
-        self.log_path = settings.paths.logs_dir / "backend.log"
+        self.pidfile = settings.paths.run_dir / f"{self.name}.pid"
+        self.log_path = settings.paths.logs_dir / f"{self.name}.log"
 
     @property
     def url(self) -> str:
-        return self.settings.backend_url
+        raise NotImplementedError
 
-    def status(self) -> BackendStatus:
+    @property
+    def listen_address(self) -> tuple[str, int, str]:
+        """(host, port, the config key that sets the port), for the port check."""
+        raise NotImplementedError
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def details(self) -> dict[str, str]:
+        """What the pid file remembers about this run, besides the url and the log."""
+        return {}
+
+    def is_answering(self, url: str, timeout: float = 1.0) -> bool:
+        raise NotImplementedError
+
+    def explain_failure(self, log_tail: str) -> str:
+        return f"the {self.name} exited during start-up; the end of its log follows"
+
+    def status(self) -> ComponentStatus:
         """What runs now, judged by the pid file, the process table and an HTTP probe."""
         record = read_pidfile(self.pidfile)
         if record is None:
-            return BackendStatus(STOPPED, self.url)
+            return ComponentStatus(STOPPED, self.url)
         known = dict(
             pid=record.pid,
             model=record.details.get("model"),
@@ -96,31 +127,31 @@ class BackendSupervisor:
             url=record.details.get("url", self.url),
         )
         if not is_alive(record):
-            return BackendStatus(
+            return ComponentStatus(
                 DEGRADED,
                 **known,
                 detail=f"process {record.pid} has died; run ./console.sh ensure to start it again",
             )
-        if backend.is_answering(known["url"]):
-            return BackendStatus(SERVING, **known)
-        return BackendStatus(
+        if self.is_answering(known["url"]):
+            return ComponentStatus(SERVING, **known)
+        return ComponentStatus(
             DEGRADED,
             **known,
             detail=f"process {record.pid} runs but does not answer (still loading, or hung)",
         )
 
-    def start(self, model_path: Path) -> BackendStatus:
-        """Launch the backend and return once it answers; raise StartError otherwise."""
+    def start(self) -> ComponentStatus:
+        """Launch and return once it answers; raise StartError otherwise."""
         self.check_port_free()
-        self.wait_until_ready(self.launch(model_path), model_path)
+        self.wait_until_ready(self.launch())
         return self.status()
 
-    def launch(self, model_path: Path) -> Launch:
-        """Spawn llama_cpp.server in its own process group, its output piped to the log."""
-        log_offset = self._write_log_header(model_path)
+    def launch(self) -> Launch:
+        """Spawn the child in a session of its own, its output piped to the log."""
+        log_offset = self._write_log_header()
         process = subprocess.Popen(
-            backend.backend_command(self.settings, model_path),
-            env=backend.backend_environment(self.settings, self.environ),
+            self.command(),
+            env=self.environment(),
             cwd=self.settings.paths.root,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -132,43 +163,41 @@ class BackendSupervisor:
             self.pidfile,
             PidRecord(
                 pid=process.pid,
-                marker=backend.SERVER_MODULE,
+                marker=self.marker,
                 started_at=time.time(),
-                details={"url": self.url, "model": str(model_path), "log": str(self.log_path)},
+                details={"url": self.url, "log": str(self.log_path), **self.details()},
             ),
         )
         return launched
 
     def wait_until_ready(
-        self,
-        launched: Launch,
-        model_path: Path,
-        is_cancelled: Callable[[], bool] = lambda: False,
+        self, launched: Launch, is_cancelled: Callable[[], bool] = lambda: False
     ) -> None:
-        """Poll /openapi.json until it answers, the process exits, or the timeout passes."""
-        timeout = self.settings["LLAMA_START_TIMEOUT_SECONDS"]
+        """Poll until it answers, the process exits, or the start timeout passes."""
+        timeout = self.settings[self.start_timeout_key]
         started = time.monotonic()
         next_progress = started + 10
         while time.monotonic() - started < timeout and not is_cancelled():
             if launched.poll() is not None:
-                self._fail_start(launched, model_path)
-            if backend.is_answering(self.url, timeout=0.5):
+                self._fail_start(launched)
+            if self.is_answering(self.url, timeout=0.5):
                 return
             if time.monotonic() >= next_progress:
-                self.echo(f"still loading {model_path.name} ({time.monotonic() - started:.0f}s)...")
+                self.echo(f"still starting the {self.name} ({time.monotonic() - started:.0f}s)...")
                 next_progress += 10
             time.sleep(0.1)
         self.stop()
         if is_cancelled():
-            raise StartError("start cancelled: a stop was requested while the model loaded")
+            raise StartError(f"start cancelled: a stop was requested while the {self.name} started")
         raise StartError(
-            f"the backend did not answer on {self.url} within {timeout:.0f}s; raise "
-            f"LLAMA_START_TIMEOUT_SECONDS for a large model",
+            f"the {self.name} did not answer on {self.url} within {timeout:.0f}s; raise "
+            f"{self.start_timeout_key} if it needs longer",
             self._read_log_tail(launched),
+            self.log_path,
         )
 
     def stop(self) -> bool:
-        """Stop the backend (SIGTERM, grace, SIGKILL of its group); True if one was running."""
+        """SIGTERM, a grace period, then SIGKILL of its group; True if one was running."""
         record = read_pidfile(self.pidfile)
         if record is None:
             return False
@@ -179,26 +208,26 @@ class BackendSupervisor:
         return was_running
 
     def check_port_free(self) -> None:
-        host, port = self.settings["LLAMA_SERVER_HOST"], self.settings["LLAMA_SERVER_PORT"]
+        host, port, port_key = self.listen_address
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
-            # The backend (uvicorn) sets SO_REUSEADDR too, so TIME_WAIT is not "in use".
+            # Both servers set SO_REUSEADDR too, so TIME_WAIT is not "in use".
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((host, port))
             except OSError as error:
                 raise StartError(
                     f"port {port} on {host} is already in use ({error.strerror}); stop what "
-                    f"uses it or set LLAMA_SERVER_PORT to a free port"
+                    f"uses it or set {port_key} to a free port"
                 ) from None
 
-    def _write_log_header(self, model_path: Path) -> int:
+    def _write_log_header(self) -> int:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            what = " ".join(f"{k}={v}" for k, v in self.details().items())
             log.write(
-                f"=== {stamp} llamagate: starting llama_cpp.server with "
-                f"{model_path} on {self.url}\n".encode()
+                f"=== {stamp} llamagate: starting the {self.name} on {self.url} {what}\n".encode()
             )
             return log.tell()
 
@@ -211,8 +240,8 @@ class BackendSupervisor:
             str(self.settings["LLAMA_LOG_MAX_BYTES"]),
             str(self.settings["LLAMA_LOG_BACKUPS"]),
         ]
-        # A session of its own, like the backend: the pump reads until the backend's
-        # pipe closes, so it never outlives the backend (no orphan to track).
+        # A session of its own, like the child: the pump reads until the child's pipe
+        # closes, so it never outlives it (no orphan to track).
         pump = subprocess.Popen(
             command,
             stdin=process.stdout,
@@ -223,10 +252,10 @@ class BackendSupervisor:
         process.stdout.close()
         return pump
 
-    def _fail_start(self, launched: Launch, model_path: Path) -> None:
+    def _fail_start(self, launched: Launch) -> None:
         remove_pidfile(self.pidfile)
         tail = self._read_log_tail(launched)
-        raise StartError(backend.explain_failure(tail, self.settings, model_path), tail)
+        raise StartError(self.explain_failure(tail), tail, self.log_path)
 
     def _read_log_tail(self, launched: Launch) -> str:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -240,3 +269,48 @@ class BackendSupervisor:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
+
+
+class BackendSupervisor(ProcessSupervisor):
+    """The one llama_cpp.server process."""
+
+    name = "backend"
+    marker = backend.SERVER_MODULE
+
+    def __init__(
+        self,
+        settings: Settings,
+        environ: Mapping[str, str] | None = None,
+        echo: Callable[[str], None] = print,
+        model_path: Path | None = None,
+    ) -> None:
+        super().__init__(settings, environ, echo)
+        self.model_path = model_path
+
+    @property
+    def url(self) -> str:
+        return self.settings.backend_url
+
+    @property
+    def listen_address(self) -> tuple[str, int, str]:
+        return self.settings.backend_host, self.settings["LLAMA_SERVER_PORT"], "LLAMA_SERVER_PORT"
+
+    def command(self) -> list[str]:
+        return backend.backend_command(self.settings, self._model())
+
+    def environment(self) -> dict[str, str]:
+        return backend.backend_environment(self.settings, self.environ)
+
+    def details(self) -> dict[str, str]:
+        return {"model": str(self._model())} if self.model_path else {}
+
+    def is_answering(self, url: str, timeout: float = 1.0) -> bool:
+        return backend.is_answering(url, timeout)
+
+    def explain_failure(self, log_tail: str) -> str:
+        return backend.explain_failure(log_tail, self.settings, self._model())
+
+    def _model(self) -> Path:
+        if self.model_path is None:
+            raise ValueError("BackendSupervisor needs model_path to launch")
+        return self.model_path

@@ -7,21 +7,26 @@ from the checkout's models/, where the installer put it.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 import pytest
 
 from runtime.bootstrap import ensure_fallback_model
 from runtime.procs import read_pidfile
 from runtime.settings import CODE_DIR, FALLBACK_MODEL_NAME, KEY_NAMES
+
+pytest_plugins = ["pgfixture"]
 
 TEST_API_KEY = "test-key-0123456789abcdef0123456789abcdef"
 
@@ -138,6 +143,8 @@ def home(tmp_path: Path, fallback_model: Path):
         "LLAMA_SERVER_PORT": str(console_home.port),
         "LLAMA_API_KEY": TEST_API_KEY,
         "LLAMA_STOP_GRACE_SECONDS": "5",
+        # Single-key mode unless a test asks for the gateway (see gateway_home).
+        "LLAMA_PROXY_ENABLED": "0",
     }
     yield console_home
     console_home.run("stop", timeout=60)
@@ -158,3 +165,58 @@ def serving(home: ConsoleHome) -> ConsoleHome:
     result = home.run("start")
     assert result.returncode == 0, result.stdout + result.stderr
     return home
+
+
+@dataclass
+class GatewayHome(ConsoleHome):
+    """A ConsoleHome in gateway mode, on the session's PostgreSQL; `url` is the gateway's."""
+
+    proxy_port: int = 0
+    dsn: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    def admin(self, *args: str) -> subprocess.CompletedProcess:
+        """The admin CLI, as bin/user_management_cli.sh runs it."""
+        return subprocess.run(
+            [sys.executable, "-m", "runtime.admin", *args],
+            cwd=CODE_DIR,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def new_user(self, username: str, rate_limit: int | None = None) -> str:
+        """Create a user with the admin CLI; return their key."""
+        limit = ["--rate-limit", str(rate_limit)] if rate_limit else []
+        created = self.admin("create-user", "--username", username, "--json", *limit)
+        assert created.returncode == 0, created.stdout + created.stderr
+        return json.loads(created.stdout)["api_key"]
+
+    def client(self, api_key: str, timeout: float = 60) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=timeout
+        )
+
+    def queue_waiting(self) -> int:
+        with urllib.request.urlopen(f"{self.url}/readyz", timeout=5) as ready:
+            return json.load(ready)["queue"]["waiting"]
+
+
+@pytest.fixture
+def gateway_home(home: ConsoleHome, pg_dsn: str):
+    """A home in gateway mode whose database is a fresh one in the session's cluster."""
+    gateway = GatewayHome(root=home.root, port=home.port, proxy_port=free_port(), dsn=pg_dsn)
+    gateway.env = {
+        **home.env,
+        "LLAMA_PROXY_ENABLED": "1",
+        "LLAMA_PROXY_HOST": "127.0.0.1",
+        "LLAMA_PROXY_PORT": str(gateway.proxy_port),
+        "LLAMA_PROXY_RATE_LIMIT": "1000",
+        "POSTGRES_AUTH_DSN": pg_dsn,
+    }
+    yield gateway
+    gateway.run("stop", timeout=60)

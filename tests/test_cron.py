@@ -58,7 +58,13 @@ def test_cron_helper_logs_to_cron_log_and_starts_the_backend(home):
     # Like cron: a minimal environment and a different working directory.
     env = {
         key: home.env[key]
-        for key in ("LLAMAGATE_ROOT", "LLAMA_SERVER_PORT", "LLAMA_API_KEY", "HOME")
+        for key in (
+            "LLAMAGATE_ROOT",
+            "LLAMA_SERVER_PORT",
+            "LLAMA_API_KEY",
+            "LLAMA_PROXY_ENABLED",
+            "HOME",
+        )
     }
     result = subprocess.run(
         [str(CODE_DIR / "bin" / "cron.sh"), "ensure"],

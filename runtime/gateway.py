@@ -1,0 +1,87 @@
+"""The gateway process (`python -m proxy`), supervised like the backend.
+
+The console hands the gateway its whole configuration through a cleaned environment:
+the LLAMA_PROXY_* settings, the backend's URL and internal key, the database DSN and
+where to spool the request log. The gateway knows nothing else of the console.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+
+from proxy.config import (
+    BACKEND_KEY_KEY,
+    BACKEND_URL_KEY,
+    GATEWAY_KEYS,
+    RESTART_FLAG_KEY,
+    SPOOL_KEY,
+)
+from runtime.backend import PASSED_NAMES, answers_http
+from runtime.settings import CODE_DIR, Settings
+from runtime.supervisor import ProcessSupervisor
+
+GATEWAY_MODULE = "proxy"
+HEALTH_PATH = "/healthz"
+
+
+class GatewaySupervisor(ProcessSupervisor):
+    """Starts, probes and stops the gateway."""
+
+    name = "proxy"
+    marker = f"-m {GATEWAY_MODULE}"
+
+    def __init__(
+        self,
+        settings: Settings,
+        dsn: str = "",
+        environ: Mapping[str, str] | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        super().__init__(settings, environ, echo)
+        self.dsn = dsn
+
+    @property
+    def url(self) -> str:
+        return self.settings.gateway_url
+
+    @property
+    def listen_address(self) -> tuple[str, int, str]:
+        return (
+            self.settings["LLAMA_PROXY_HOST"],
+            self.settings["LLAMA_PROXY_PORT"],
+            "LLAMA_PROXY_PORT",
+        )
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", GATEWAY_MODULE]
+
+    def environment(self) -> dict[str, str]:
+        settings = self.settings
+        paths = settings.paths
+        cleaned = {name: value for name, value in self.environ.items() if name in PASSED_NAMES}
+        for key in GATEWAY_KEYS:
+            value = settings[key.name]
+            cleaned[key.name] = str(int(value) if isinstance(value, bool) else value)
+        cleaned.update(
+            {
+                BACKEND_URL_KEY: settings.backend_url,
+                BACKEND_KEY_KEY: settings["LLAMA_API_KEY"],
+                "POSTGRES_AUTH_DSN": self.dsn,
+                SPOOL_KEY: str(paths.spool_path),
+                RESTART_FLAG_KEY: str(paths.restart_flag),
+                # The gateway's code lives in the checkout, wherever the state root is.
+                "PYTHONPATH": str(CODE_DIR),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return cleaned
+
+    def is_answering(self, url: str, timeout: float = 1.0) -> bool:
+        return answers_http(url, HEALTH_PATH, timeout)
+
+    def explain_failure(self, log_tail: str) -> str:
+        for line in reversed(log_tail.splitlines()):
+            if line.startswith("gateway: error: "):
+                return line.removeprefix("gateway: error: ")
+        return "the gateway exited during start-up; the end of its log follows"

@@ -1,0 +1,182 @@
+"""Gateway mode end to end: the console starts the gateway in front of the real backend.
+
+The database is the test session's real PostgreSQL (POSTGRES_AUTH_DSN); users are made
+with the admin CLI as an operator would, and called with the official openai client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import asyncpg
+import openai
+import pytest
+from conftest import TEST_API_KEY, wait_for
+
+MESSAGES = [{"role": "user", "content": "Say hello."}]
+
+
+def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def count_rows(dsn: str, where: str = "true", *args) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await conn.fetchval(f"SELECT count(*) FROM llama_requests WHERE {where}", *args)
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
+
+
+def fetch_rows(dsn: str, where: str = "true") -> list[dict]:
+    async def fetch() -> list[dict]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            rows = await conn.fetch(f"SELECT * FROM llama_requests WHERE {where} ORDER BY id")
+            return [dict(row) for row in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def test_start_serves_the_model_behind_the_gateway(gateway):
+    status = gateway.run("status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    for part in ("database:", "backend:", "gateway:"):
+        assert part in status.stdout
+    reply = gateway.client(gateway.new_user("alice")).chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=8, seed=1
+    )
+    assert reply.choices[0].message.content
+
+
+def test_a_streamed_completion_is_logged_with_its_token_counts(gateway):
+    key = gateway.new_user("bob")
+    stream = gateway.client(key).chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=8, seed=1, stream=True
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(pieces)
+    rows = wait_for(
+        lambda: fetch_rows(gateway.dsn, "username = 'bob' AND stream"), what="the logged stream"
+    )
+    assert rows[0]["status_code"] == 200
+    assert rows[0]["completion_tokens"] == len([piece for piece in pieces if piece])
+    assert rows[0]["path"] == "/v1/chat/completions"
+
+
+def test_a_whole_completion_is_logged_with_usage_from_the_backend(gateway):
+    key = gateway.new_user("carol")
+    reply = gateway.client(key).chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=6, seed=1
+    )
+    rows = wait_for(lambda: fetch_rows(gateway.dsn, "username = 'carol'"), what="the logged row")
+    assert rows[0]["prompt_tokens"] == reply.usage.prompt_tokens
+    assert rows[0]["completion_tokens"] == reply.usage.completion_tokens
+
+
+def test_async_client_streams_through_the_gateway(gateway):
+    key = gateway.new_user("dave")
+
+    async def collect() -> str:
+        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+        stream = await client.chat.completions.create(
+            model="any", messages=MESSAGES, max_tokens=8, stream=True
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        await client.close()
+        return text
+
+    assert asyncio.run(collect())
+
+
+def test_the_backend_key_does_not_open_the_gateway(gateway):
+    with pytest.raises(openai.AuthenticationError):
+        gateway.client(TEST_API_KEY).models.list()
+
+
+def test_the_backend_listens_on_loopback_only_and_wants_its_key(gateway):
+    backend = f"http://127.0.0.1:{gateway.port}"
+    assert http_get(f"{backend}/v1/models")[0] == 401
+    headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
+    assert http_get(f"{backend}/v1/models", headers)[0] == 200
+    listening = Path("/proc/net/tcp").read_text()
+    assert f"0100007F:{gateway.port:04X}" in listening
+    assert f"00000000:{gateway.port:04X}" not in listening
+
+
+def test_restart_keeps_the_gateway_up_and_fails_no_request(gateway):
+    key = gateway.new_user("steady")
+    client = gateway.client(key, timeout=120)
+    failures: list[str] = []
+    answered = []
+    is_done = threading.Event()
+
+    def steady_stream() -> None:
+        while not is_done.is_set():
+            try:
+                client.completions.create(model="any", prompt="Hi", max_tokens=2)
+                answered.append(time.monotonic())
+            except openai.OpenAIError as error:
+                failures.append(repr(error))
+
+    with ThreadPoolExecutor(2) as pool:
+        senders = [pool.submit(steady_stream) for _ in range(2)]
+        wait_for(lambda: len(answered) >= 3, what="requests before the restart")
+        restart = gateway.run("restart")
+        before = len(answered)
+        wait_for(lambda: len(answered) >= before + 3, what="requests after the restart")
+        is_done.set()
+        for sender in senders:
+            sender.result()
+    assert restart.returncode == 0, restart.stdout + restart.stderr
+    assert failures == []
+
+
+def test_one_users_flood_does_not_starve_anothers_single_request(gateway):
+    flooder = gateway.client(gateway.new_user("flooder", rate_limit=100), timeout=300)
+    single = gateway.client(gateway.new_user("single"), timeout=300)
+    finished: list[str] = []
+
+    def long_generation(index: int) -> None:
+        flooder.completions.create(model="any", prompt=f"Story {index}:", max_tokens=40, seed=index)
+        finished.append("A")
+
+    with ThreadPoolExecutor(17) as pool:
+        floods = [pool.submit(long_generation, index) for index in range(16)]
+        wait_for(lambda: gateway.queue_waiting() >= 10, what="the flood to queue up")
+        single.completions.create(model="any", prompt="Hi", max_tokens=2)
+        finished.append("B")
+        for flood in floods:
+            flood.result()
+    assert finished.index("B") <= 1, finished
+
+
+@pytest.fixture
+def gateway(gateway_home):
+    result = gateway_home.run("start")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "behind the gateway" in result.stdout
+    return gateway_home
+
+
+def test_gateway_metrics_count_requests(gateway):
+    key = gateway.new_user("metered")
+    gateway.client(key).models.list()
+    text = http_get(f"{gateway.url}/metrics")[1]
+    assert 'llamagate_requests_total{route="/v1/models",status="200",user="metered"}' in text
