@@ -63,6 +63,8 @@ def cli(ctx: click.Context) -> None:
     \b
     Start serving (installs everything on first use):
         ./console.sh start
+    Give someone a key:
+        ./bin/user_management_cli.sh create-user --username alice
     Then see what runs:
         ./console.sh status
     """
@@ -74,9 +76,11 @@ def cli(ctx: click.Context) -> None:
 @click.option("--foreground", is_flag=True, help="Stay attached and restart crashes (systemd).")
 @click.pass_obj
 def start(paths: Paths, model: str | None, foreground: bool) -> None:
-    """Start the backend; return once it answers.
+    """Start what is configured; return once it answers.
 
-    A second start while it already serves says so and exits 0.
+    In gateway mode (the default) that is the database (the private cluster unless
+    POSTGRES_AUTH_* points elsewhere), the backend and the gateway. A second start
+    while everything serves says so and exits 0.
 
     \b
     Example:
@@ -121,7 +125,9 @@ def run_foreground(settings: Settings) -> int:
 @cli.command()
 @click.pass_obj
 def stop(paths: Paths) -> None:
-    """Stop the backend: SIGTERM, a grace period, then SIGKILL of its process group.
+    """Stop the gateway, the backend and the private database, in that order.
+
+    Each process gets SIGTERM, a grace period, then SIGKILL of its process group.
 
     \b
     Example:
@@ -146,7 +152,10 @@ def stop(paths: Paths) -> None:
 @click.option("--model", "-m", metavar="M", help="Restart with this model instead.")
 @click.pass_obj
 def restart(paths: Paths, model: str | None) -> None:
-    """Stop and start again. A bad model is refused before anything is stopped.
+    """Restart the backend. A bad model is refused before anything is stopped.
+
+    The gateway stays up: requests in flight finish, and requests that arrive
+    meanwhile wait (up to LLAMA_PROXY_BACKEND_WAIT_SECONDS) instead of failing.
 
     \b
     Example:

@@ -5,11 +5,20 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
+from proxy.config import redact_dsn
+from runtime.service import component_statuses
 from runtime.settings import KEYS, ConfigError, Paths, Settings, load_settings
-from runtime.supervisor import BackendSupervisor
 
-SECRET_KEYS = frozenset({"LLAMA_API_KEY"})
-PACKAGES = ("llama-cpp-python", "huggingface_hub", "gguf", "aiohttp", "click")
+SECRET_KEYS = frozenset({"LLAMA_API_KEY", "POSTGRES_AUTH_PASSWORD", "LLAMA_PROXY_METRICS_TOKEN"})
+PACKAGES = (
+    "llama-cpp-python",
+    "huggingface_hub",
+    "gguf",
+    "aiohttp",
+    "asyncpg",
+    "prometheus_client",
+    "click",
+)
 
 
 def render_info(paths: Paths) -> str:
@@ -21,7 +30,7 @@ def render_info(paths: Paths) -> str:
         sections.insert(0, f"configuration: INVALID: {error}")
         return "\n\n".join(sections)
     sections.insert(0, _config_section(settings))
-    sections.append(_backend_section(settings))
+    sections.append(_parts_section(settings))
     return "\n\n".join(sections)
 
 
@@ -31,6 +40,8 @@ def _config_section(settings: Settings) -> str:
         value = settings[key.name]
         if key.name in SECRET_KEYS:
             value = "(set, hidden)" if value else "(empty)"
+        elif key.name == "POSTGRES_AUTH_DSN":
+            value = redact_dsn(value)
         elif isinstance(value, bool):
             value = int(value)
         elif isinstance(value, tuple):
@@ -69,13 +80,23 @@ def _versions_section() -> str:
     return "\n".join(lines)
 
 
-def _backend_section(settings: Settings) -> str:
-    status = BackendSupervisor(settings).status()
-    lines = [
-        "backend (llama_cpp.server):",
-        f"  url          {status.url}",
-        f"  state        {status.state}" + (f" ({status.detail})" if status.detail else ""),
-    ]
-    if status.pid:
-        lines += [f"  pid          {status.pid}", f"  model        {status.model}"]
+def _parts_section(settings: Settings) -> str:
+    lines = [f"mode: {'gateway' if settings.is_gateway_mode else 'single-key'}"]
+    for name, status in component_statuses(settings).items():
+        lines += [f"{name}:", f"  url          {status.url}", f"  state        {status.state}"]
+        if status.detail:
+            lines.append(f"  detail       {status.detail}")
+        if status.pid:
+            lines.append(f"  pid          {status.pid}")
+        if status.model:
+            lines.append(f"  model        {status.model}")
+    if settings.is_gateway_mode:
+        lines.append(
+            f"request-log spool: {settings.paths.spool_path}"
+            + (
+                " (rows waiting for the database)"
+                if settings.paths.spool_path.exists()
+                else " (empty)"
+            )
+        )
     return "\n".join(lines)
