@@ -52,20 +52,23 @@ def check_ready_to_start(settings: Settings) -> Path:
 def start(settings: Settings, echo: Echo) -> StartResult:
     """Start whatever is not serving yet; return once everything answers."""
     model_path = check_ready_to_start(settings)
-    dsn = Database(settings, echo).ensure_running() if settings.is_gateway_mode else ""
+    gateway = GatewaySupervisor(settings, echo=echo) if settings.is_gateway_mode else None
+    gateway_status = gateway.status() if gateway else None
+    if gateway and not gateway_status.is_serving:
+        gateway.stop()
+        # Before anything starts: a busy port must not leave a backend behind.
+        gateway.check_port_free()
+    if gateway:
+        gateway.dsn = Database(settings, echo).ensure_running()
     backend = BackendSupervisor(settings, echo=echo, model_path=model_path)
     current = backend.status()
     was_running = current.is_serving
     if not was_running:
         start_backend(backend, current, echo)
-    if not settings.is_gateway_mode:
+    if gateway is None:
         return StartResult(backend.status(), was_running)
-    gateway = GatewaySupervisor(settings, dsn, echo=echo)
-    gateway_status = gateway.status()
     if not gateway_status.is_serving:
         was_running = False
-        if gateway.stop():
-            echo(f"stopped a gateway that did not answer (pid {gateway_status.pid})")
         echo(f"starting the gateway on {gateway.url}")
         gateway.start()
     return StartResult(backend.status(), was_running, gateway.status())

@@ -7,6 +7,7 @@ with the admin CLI as an operator would, and called with the official openai cli
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 import urllib.error
@@ -180,3 +181,21 @@ def test_gateway_metrics_count_requests(gateway):
     gateway.client(key).models.list()
     text = http_get(f"{gateway.url}/metrics")[1]
     assert 'llamagate_requests_total{route="/v1/models",status="200",user="metered"}' in text
+
+
+def test_a_busy_gateway_port_is_named_and_nothing_is_left_running(gateway_home):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", gateway_home.proxy_port))
+        squatter.listen()
+        result = gateway_home.run("start")
+    assert result.returncode == 1
+    assert "LLAMA_PROXY_PORT" in result.stderr
+    assert gateway_home.backend_pids() == []
+
+
+def test_an_unreachable_database_is_named_without_its_password(gateway_home):
+    result = gateway_home.run("start", POSTGRES_AUTH_DSN="postgresql://gate:sekrit@127.0.0.1:1/x")
+    assert result.returncode == 1
+    assert "gate:***@127.0.0.1:1" in result.stderr
+    assert "sekrit" not in result.stdout + result.stderr
+    assert gateway_home.backend_pids() == []
