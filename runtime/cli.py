@@ -190,7 +190,7 @@ def status(paths: Paths, as_json: bool) -> None:
     """
     settings = load_leniently(paths)
     statuses = service.component_statuses(settings)
-    state = service.overall_state(statuses)
+    state = service.overall_state(settings, statuses)
     if as_json:
         parts = {name: asdict(status) for name, status in statuses.items()}
         click.echo(json.dumps({"state": state, **parts}, indent=2))

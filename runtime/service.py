@@ -141,13 +141,18 @@ def component_statuses(settings: Settings) -> dict[str, ComponentStatus]:
     return statuses
 
 
-def overall_state(statuses: dict[str, ComponentStatus]) -> str:
+def overall_state(settings: Settings, statuses: dict[str, ComponentStatus]) -> str:
+    """serving if every part serves; stopped if every part the console runs is stopped."""
     states = {status.state for status in statuses.values()}
     if states == {SERVING}:
         return SERVING
-    if states == {STOPPED}:
-        return STOPPED
-    return DEGRADED
+    # The operator's own database keeps running when llamagate is stopped.
+    owned = {
+        status.state
+        for name, status in statuses.items()
+        if name != "database" or not settings.external_dsn
+    }
+    return STOPPED if owned == {STOPPED} else DEGRADED
 
 
 def needs_start(settings: Settings) -> dict[str, ComponentStatus]:

@@ -7,6 +7,8 @@ import signal
 
 from conftest import wait_for
 
+from runtime.procs import is_alive, read_pidfile
+
 
 def start_foreground(home, **env):
     supervisor = home.popen("start", "--foreground", LLAMA_RESTART_BACKOFF_SECONDS="0.2", **env)
@@ -94,3 +96,15 @@ def test_restart_waits_double_after_each_crash_and_gives_up_at_the_limit(tmp_pat
     supervisor = ForegroundSupervisor(settings, echo=lambda line: None)
     delays = [supervisor._record_crash() for _ in range(4)]
     assert delays == [0.5, 1.0, 2.0, None]
+
+
+def test_foreground_in_gateway_mode_runs_and_stops_the_gateway_too(gateway_home):
+    supervisor = start_foreground(gateway_home)
+    key = gateway_home.new_user("systemd")
+    assert gateway_home.client(key).models.list().data
+    gateway = read_pidfile(gateway_home.root / "runtime" / "run" / "proxy.pid")
+    assert gateway is not None and is_alive(gateway)
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(timeout=60) == 0
+    assert not is_alive(gateway)
+    assert gateway_home.run("status").returncode == 3
