@@ -1,0 +1,70 @@
+"""Fixtures for the gateway tests: a fake upstream, the real PostgreSQL, and make_app.
+
+Registered by the tests/test_gateway_*.py modules through `pytest_plugins`; the plain
+helpers they import live in gatewayhelpers.py, so that this plugin is imported (and its
+asserts rewritten) by pytest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestClient, TestServer
+from fakeupstream import FakeUpstream
+from gatewayhelpers import gateway_config
+
+from proxy import store
+from proxy.app import make_app
+
+
+@pytest.fixture
+def upstream() -> FakeUpstream:
+    return FakeUpstream()
+
+
+@pytest_asyncio.fixture
+async def upstream_server(upstream: FakeUpstream, aiohttp_server) -> TestServer:
+    """The fake upstream, listening on a free port (client disconnects cancel its handlers)."""
+    return await aiohttp_server(upstream.make_app())
+
+
+@pytest_asyncio.fixture
+async def db(pg_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on this test's own database, with the schema migrated."""
+    pool = await store.create_pool(pg_dsn)
+    yield pool
+    await pool.close()
+
+
+StartGateway = Callable[..., Awaitable[TestClient]]
+
+
+@pytest_asyncio.fixture
+async def start_gateway(
+    pg_dsn: str, db: asyncpg.Pool, aiohttp_client, upstream_server: TestServer, tmp_path: Path
+) -> StartGateway:
+    """Start a gateway (call it twice for two gateways sharing the database).
+
+    aiohttp's TestServer runs with handler_cancellation=True, as `python -m proxy` does,
+    so a client that disconnects cancels its handler.
+    """
+    count = 0
+
+    async def start(backend_url: str | None = None, **overrides) -> TestClient:
+        nonlocal count
+        count += 1
+        url = backend_url or str(upstream_server.make_url("")).rstrip("/")
+        config = gateway_config(pg_dsn, url, tmp_path / f"gateway{count}", **overrides)
+        return await aiohttp_client(make_app(config))
+
+    return start
+
+
+@pytest_asyncio.fixture
+async def gateway(start_gateway: StartGateway) -> TestClient:
+    """One gateway with the default test config, in front of the fake upstream."""
+    return await start_gateway()
