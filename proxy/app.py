@@ -111,6 +111,7 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         config.backend_key,
         config.backend_wait_seconds,
         config.restart_flag,
+        on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
     )
     yield
     await session.close()

@@ -10,8 +10,8 @@ from proxy.config import ProxyConfig
 from proxy.forward import Forwarder
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
-from proxy.ratelimit import SharedLimiter
-from proxy.requestlog import RequestLog
+from proxy.ratelimit import Decision, SharedLimiter
+from proxy.requestlog import RequestLog, RequestRecord
 
 CONFIG = web.AppKey("config", ProxyConfig)
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -23,7 +23,5 @@ LIMITER = web.AppKey("limiter", SharedLimiter)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 MODELS_CACHE = web.AppKey("models_cache", dict)
 
-# Per request (plain string keys: aiohttp has no typed request keys).
-RECORD = "llamagate.record"
-IDENTITY = "llamagate.identity"
-DECISION = "llamagate.decision"
+RECORD = web.RequestKey("record", RequestRecord)
+DECISION = web.RequestKey("decision", Decision)

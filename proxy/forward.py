@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -97,12 +98,14 @@ class Forwarder:
         backend_key: str,
         wait_seconds: float,
         restart_flag: Path | None,
+        on_restart_wait: Callable[[], None] = lambda: None,
     ) -> None:
         self.session = session
         self.backend_url = backend_url
         self.backend_key = backend_key
         self.wait_seconds = wait_seconds
         self.restart_flag = restart_flag
+        self.on_restart_wait = on_restart_wait
 
     def is_restarting(self) -> bool:
         """True while the console restarts the backend (it keeps a flag file meanwhile)."""
@@ -116,6 +119,8 @@ class Forwarder:
             "Authorization": f"Bearer {self.backend_key}",
             "Content-Type": "application/json",
             "X-Request-Id": record.request_id,
+            # Bytes are relayed as they come; a compressed answer would need its header too.
+            "Accept-Encoding": "identity",
         }
         upstream = await self._send(request.method, route, body, headers)
         async with upstream:
@@ -149,6 +154,8 @@ class Forwarder:
                         retry_after=self.wait_seconds,
                         code="backend_restarting",
                     ) from None
+                if attempt == 2:
+                    self.on_restart_wait()
                 if attempt > 1:
                     await asyncio.sleep(RETRY_INTERVAL_SECONDS)
             except TimeoutError:

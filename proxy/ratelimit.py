@@ -91,7 +91,8 @@ class SharedLimiter:
         self.window = window
         self.clock = clock
         self.local = SlidingWindow(window)
-        self.refused_until: dict[str, tuple[float, int]] = {}
+        # user -> (refused until, for which limit, full allowance back at); local clock.
+        self.refused_until: dict[str, tuple[float, int, float]] = {}
         self.pending: list[_Pending] = []
         self.flusher: asyncio.Task | None = None
         self.is_database_down = False
@@ -109,11 +110,11 @@ class SharedLimiter:
 
     def _refused_locally(self, user: str, limit: int) -> Decision | None:
         # The database said this user is full until a slot frees: no need to ask again.
-        until, known_limit = self.refused_until.get(user, (0.0, 0))
+        until, known_limit, reset_at = self.refused_until.get(user, (0.0, 0, 0.0))
         now = self.clock()
         if until <= now or known_limit != limit:
             return None
-        return Decision(False, limit, 0, self.window, until - now)
+        return Decision(False, limit, 0, reset_at - now, until - now)
 
     async def _flush_all(self) -> None:
         while self.pending:
@@ -155,7 +156,11 @@ class SharedLimiter:
                 decision = Decision(True, limit, limit - (before + index + 1), reset)
             else:
                 retry_after = max((grant.oldest or grant.now) + self.window - grant.now, 0.001)
-                self.refused_until[item.user] = (local_now + retry_after, limit)
+                self.refused_until[item.user] = (
+                    local_now + retry_after,
+                    limit,
+                    local_now + reset,
+                )
                 decision = Decision(False, limit, 0, reset, retry_after)
             item.future.set_result(decision)
 

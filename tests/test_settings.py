@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.settings import ConfigError, Paths, load_settings
+from runtime.settings import CODE_DIR, KEYS, ConfigError, Paths, load_settings
 
 KEY = "LLAMA_SERVER_PORT"
 
@@ -169,3 +169,9 @@ def test_backend_url_reaches_a_wildcard_host_through_loopback(paths, host, url):
     environ = {"LLAMA_SERVER_HOST": host, KEY: "8123", "LLAMA_PROXY_ENABLED": "0"}
     settings = load_settings(paths, {}, environ)
     assert settings.backend_url == url
+
+
+def test_env_example_lists_every_key():
+    text = (CODE_DIR / ".env.example").read_text()
+    missing = [key.name for key in KEYS if f"\n{key.name}=" not in text]
+    assert missing == []
