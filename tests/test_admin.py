@@ -18,7 +18,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from proxy import store
-from proxy.admin import AdminEnv, cli, parse_duration, parse_since, run
+from proxy.admin import cli
+from proxy.adminsupport import AdminEnv, parse_duration, parse_since, run
 from proxy.config import DATABASE_KEYS
 from proxy.migrations import migrate
 

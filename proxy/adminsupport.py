@@ -1,0 +1,258 @@
+"""What the admin CLI's commands share: the database connection, durations, output.
+
+Kept apart from proxy/admin.py so that the commands read as a list of small functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import dataclasses
+import functools
+import io
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+import click
+
+from proxy import accounts, store
+from proxy.config import database_dsn
+from proxy.migrations import migrate
+
+EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
+DURATION_PATTERN = re.compile(r"(\d{1,9})\s*([smhdw])")
+MAX_DURATION = timedelta(days=36_525)
+DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+NO_DATABASE = (
+    "no database configured: run this through bin/user_management_cli.sh, which finds the "
+    "private cluster or the server set in .env, or set POSTGRES_AUTH_DSN"
+)
+BAD_DSN = (
+    "the database address is not a valid postgresql://user:password@host:port/db URL; "
+    "check POSTGRES_AUTH_DSN, or POSTGRES_AUTH_HOST, _PORT, _DB, _USER and _PASSWORD"
+)
+USAGE_FIELDS = [field.name for field in dataclasses.fields(accounts.UsageRow)]
+T = TypeVar("T")
+
+
+class AdminError(click.ClickException):
+    """A message for the operator, printed as `error: ...`, with its exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+@dataclass(frozen=True)
+class AdminEnv:
+    """What the commands take from the environment."""
+
+    dsn: str
+    gateway_url: str
+
+
+def read_environment(environ: Mapping[str, str]) -> AdminEnv:
+    """The only place that reads the environment; checks wait until a command needs them."""
+    port = environ.get("LLAMA_PROXY_PORT", "").strip() or "8001"
+    return AdminEnv(dsn=database_dsn(environ), gateway_url=f"http://localhost:{port}")
+
+
+def checked_dsn(env: AdminEnv) -> str:
+    if not env.dsn:
+        raise AdminError(NO_DATABASE)
+    try:
+        parts = urlsplit(env.dsn)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise AdminError(BAD_DSN, EXIT_BAD_INPUT) from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise AdminError(BAD_DSN, EXIT_BAD_INPUT)
+    return env.dsn
+
+
+def run(
+    env: AdminEnv,
+    action: Callable[[asyncpg.Connection], Awaitable[T]],
+    *,
+    should_migrate: bool = True,
+) -> T:
+    """Run one action on one fresh connection, after bringing the schema up to date."""
+    return asyncio.run(run_on_connection(checked_dsn(env), action, should_migrate))
+
+
+async def run_on_connection(
+    dsn: str, action: Callable[[asyncpg.Connection], Awaitable[T]], should_migrate: bool
+) -> T:
+    try:
+        conn = await store.connect(dsn)
+    except ValueError:
+        raise AdminError(BAD_DSN, EXIT_BAD_INPUT) from None
+    try:
+        if should_migrate:
+            applied = await migrate(conn)
+            if applied:
+                click.echo(f"note: set up the schema (migrations {applied})", err=True)
+        return await action(conn)
+    except store.UNAVAILABLE_ERRORS as error:
+        raise store.unreachable(dsn, error) from None
+    finally:
+        with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
+            await conn.close(timeout=store.CONNECT_TIMEOUT_SECONDS)
+
+
+class AdminGroup(click.Group):
+    """Turns domain errors into `error: ...` and an exit code, at the edge."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except accounts.AccountError as error:
+            raise AdminError(str(error), EXIT_BAD_INPUT) from None
+        except store.StoreError as error:
+            raise AdminError(str(error)) from None
+        except asyncpg.PostgresError as error:
+            raise AdminError(f"the database refused: {error}") from None
+
+
+def parse_duration(text: str) -> timedelta:
+    """'90d', '24h', '30m', '2w' or '45s' as a timedelta; ValueError otherwise."""
+    match = DURATION_PATTERN.fullmatch(text.strip().lower())
+    if not match or int(match[1]) == 0:
+        raise ValueError(f"invalid duration {text!r}: use a number and a unit, such as 7d or 24h")
+    try:
+        duration = timedelta(**{DURATION_UNITS[match[2]]: int(match[1])})
+    except OverflowError:
+        duration = MAX_DURATION * 2
+    if duration > MAX_DURATION:
+        raise ValueError(f"invalid duration {text!r}: at most 100 years")
+    return duration
+
+
+def parse_since(text: str, now: datetime) -> datetime:
+    """A duration back from now ('7d'), or a date or time ('2026-11-01', UTC unless given)."""
+    with contextlib.suppress(ValueError):
+        return now - parse_duration(text)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"invalid --since {text!r}: use a duration such as 7d or 24h, "
+            f"or a date such as 2026-11-01"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def describe_duration(duration: timedelta) -> str:
+    """'90 days' rather than timedelta's '90 days, 0:00:00'."""
+    if duration.seconds or duration.microseconds:
+        return str(duration)
+    return f"{duration.days} day{'s' if duration.days != 1 else ''}"
+
+
+def since_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse_since(value, datetime.now(UTC))
+    except ValueError as error:
+        raise AdminError(str(error), EXIT_BAD_INPUT) from None
+
+
+def duration_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
+    try:
+        return parse_duration(value)
+    except ValueError as error:
+        raise AdminError(str(error), EXIT_BAD_INPUT) from None
+
+
+def user_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command its user as NAME or --username NAME, passed on as `username`."""
+
+    @click.argument("name", required=False, metavar="[NAME]")
+    @click.option("--username", "-u", "option_name", metavar="NAME", help="The user.")
+    @functools.wraps(command)
+    def with_username(*args: Any, name: str | None, option_name: str | None, **kwargs: Any) -> Any:
+        return command(*args, username=pick_username(name, option_name), **kwargs)
+
+    return with_username
+
+
+def pick_username(name: str | None, option_name: str | None) -> str:
+    if name and option_name and name != option_name:
+        raise AdminError(f"two users given ({name!r}, {option_name!r}); give one", EXIT_BAD_INPUT)
+    username = name or option_name
+    if not username:
+        raise AdminError("which user? give NAME or --username NAME", EXIT_BAD_INPUT)
+    return accounts.validate_username(username)
+
+
+def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(command)
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def when(moment: datetime | None, default: str = "-") -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else default
+
+
+def record(row: Any) -> dict[str, Any]:
+    """A dataclass row as a JSON-ready dict, times in ISO 8601."""
+    values = {field.name: getattr(row, field.name) for field in dataclasses.fields(row)}
+    return {name: iso(v) if isinstance(v, datetime) else v for name, v in values.items()}
+
+
+def describe_limit(rate_limit: int | None) -> str:
+    return "default" if rate_limit is None else f"{rate_limit}/window"
+
+
+def echo_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2))
+
+
+def echo_csv(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    click.echo(out.getvalue(), nl=False)
+
+
+def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> None:
+    cells = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(indent + line.rstrip())
+
+
+def echo_new_key(env: AdminEnv, issued: accounts.IssuedKey) -> None:
+    """The one place a key is ever printed."""
+    secret = issued.new_key.secret_key
+    click.echo(
+        f"API key for {issued.username!r} (key id {issued.new_key.key_id}, "
+        f"expires {when(issued.expires_at, 'never')}):\n\n    {secret}\n\n"
+        f"Save it now: it cannot be shown again (only its SHA-256 digest is stored).\n"
+        f"Try it:\n    curl -H 'Authorization: Bearer {secret}' {env.gateway_url}/v1/models"
+    )
+
+
+def key_json(issued: accounts.IssuedKey) -> dict[str, Any]:
+    return {
+        "username": issued.username,
+        "key_id": issued.new_key.key_id,
+        "api_key": issued.new_key.secret_key,
+        "expires_at": iso(issued.expires_at),
+    }
