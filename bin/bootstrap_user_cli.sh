@@ -1,19 +1,9 @@
 #!/usr/bin/env bash
-# Make sure the venv, the database and the schema exist, then run an admin command:
-# python -m runtime.admin --bootstrap starts the private cluster if it is the one in use.
-#   bin/bootstrap_user_cli.sh init-db
+# Make sure the venv, the database and the schema exist, then run an admin command
+# (init-db when none is given). --bootstrap makes runtime.admin start the private
+# cluster, creating it on first use, when that is the database in use.
+#   bin/bootstrap_user_cli.sh
 #   bin/bootstrap_user_cli.sh create-user --username alice
 set -euo pipefail
 
-repo_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv_python="$repo_dir/runtime/.venv/bin/python"
-install_stamp="$repo_dir/runtime/.venv/.llamagate-installed"
-
-# As in console.sh: install on first use, or when pyproject.toml changed. Installer
-# output goes to stderr so that --json and --csv output stays clean.
-if [[ ! -x "$venv_python" || "$(cat "$install_stamp" 2>/dev/null)" != "$(sha256sum "$repo_dir/pyproject.toml" | cut -d' ' -f1)" ]]; then
-    flock "$repo_dir/runtime/.install.lock" "$repo_dir/runtime/install.sh" >&2
-fi
-
-cd "$repo_dir"
-exec "$venv_python" -m runtime.admin --bootstrap "$@"
+exec "$(dirname "${BASH_SOURCE[0]}")/user_management_cli.sh" --bootstrap "$@"

@@ -137,3 +137,17 @@ def test_status_json_names_each_part(private_home):
         "serving"
     }
     assert os.path.basename(parts["backend"]["model"]) == FALLBACK_MODEL_NAME
+
+
+def test_bootstrap_script_creates_the_cluster_and_the_schema(private_home):
+    result = subprocess.run(
+        [str(CODE_DIR / "bin" / "bootstrap_user_cli.sh")],
+        env=private_home.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    cluster = cluster_of(private_home)
+    assert cluster.is_running()
+    assert count_rows(cluster.dsn()) == 0  # the table exists, and is empty
