@@ -147,12 +147,16 @@ class Authenticator:
 
 async def listen_for_changes(dsn: str, cache: AuthCache) -> None:
     """Forever: LISTEN for user and key changes and empty the cache on each one."""
+    has_warned = False
     while True:
         try:
             conn = await store.connect(dsn)
         except store.StoreError as error:
-            log.warning("auth listener: %s; retrying", error)
+            if not has_warned:  # once per outage, not once a second
+                log.warning("auth listener: %s; retrying every %ss", error, LISTENER_RETRY_SECONDS)
+                has_warned = True
         else:
+            has_warned = False
             try:
                 await _listen_until_lost(conn, cache)
             except store.UNAVAILABLE_ERRORS as error:

@@ -125,7 +125,7 @@ async def enforce_rate_limit(request: web.Request, identity: Identity) -> None:
         raise GatewayError(
             429,
             f"rate limit reached: {limit} requests per {config.rate_window_seconds:g} seconds; "
-            f"retry after {decision.retry_after:.1f} seconds",
+            f"retry after {decision.retry_after:.1f}s",
             "rate_limit_exceeded",
             "rate_limit_exceeded",
             retry_after=decision.retry_after,
@@ -176,7 +176,7 @@ async def forward_in_turn(
     except QueueRejected as rejected:
         raise GatewayError(
             rejected.status,
-            f"the gateway is busy: {rejected.reason}; retry after {rejected.retry_after} seconds",
+            f"the gateway is busy: {rejected.reason}; retry after {rejected.retry_after}s",
             "server_error" if rejected.status == 503 else "rate_limit_exceeded",
             "queue_full" if isinstance(rejected, QueueFull) else "queue_timeout",
             retry_after=rejected.retry_after,

@@ -54,8 +54,10 @@ async def connect(dsn: str) -> asyncpg.Connection:
 async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
     """A pool, with the schema migrated; StoreError if the database is unreachable."""
     try:
+        # min_size 0: asyncpg would otherwise log a traceback every few seconds while
+        # it fails to restore its floor of connections during a database outage.
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=max_size, timeout=CONNECT_TIMEOUT_SECONDS
+            dsn, min_size=0, max_size=max_size, timeout=CONNECT_TIMEOUT_SECONDS
         )
     except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
         raise unreachable(dsn, error) from None
