@@ -23,6 +23,7 @@ from runtime.supervisor import ProcessSupervisor
 
 GATEWAY_MODULE = "proxy"
 HEALTH_PATH = "/healthz"
+FLUSH_MARGIN_SECONDS = 5.0
 
 
 class GatewaySupervisor(ProcessSupervisor):
@@ -52,6 +53,13 @@ class GatewaySupervisor(ProcessSupervisor):
             self.settings["LLAMA_PROXY_PORT"],
             "LLAMA_PROXY_PORT",
         )
+
+    @property
+    def stop_grace_seconds(self) -> float:
+        # The gateway drains in-flight requests and then flushes the request log: a
+        # SIGKILL before that would lose rows.
+        drain = self.settings["LLAMA_PROXY_DRAIN_SECONDS"] + FLUSH_MARGIN_SECONDS
+        return max(self.settings["LLAMA_STOP_GRACE_SECONDS"], drain)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", GATEWAY_MODULE]

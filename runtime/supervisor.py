@@ -109,6 +109,11 @@ class ProcessSupervisor:
         """What the pid file remembers about this run, besides the url and the log."""
         return {}
 
+    @property
+    def stop_grace_seconds(self) -> float:
+        """How long stop waits after SIGTERM before SIGKILL."""
+        return self.settings["LLAMA_STOP_GRACE_SECONDS"]
+
     def is_answering(self, url: str, timeout: float = 1.0) -> bool:
         raise NotImplementedError
 
@@ -203,7 +208,7 @@ class ProcessSupervisor:
             return False
         was_running = is_alive(record)
         if was_running:
-            terminate_group(record.pid, self.settings["LLAMA_STOP_GRACE_SECONDS"])
+            terminate_group(record.pid, self.stop_grace_seconds)
         remove_pidfile(self.pidfile)
         return was_running
 
