@@ -53,11 +53,15 @@ install_project() {
     printf '%s\n' "$wanted" > "$install_stamp"
 }
 
-# .env or the environment may point llamagate at an existing server; then none is needed here.
+# The environment, .env or runtime/config.env may point llamagate at an existing server;
+# then no PostgreSQL is needed here.
 uses_external_postgres() {
     [[ -n "${POSTGRES_AUTH_DSN:-}" || -n "${POSTGRES_AUTH_HOST:-}" ]] && return 0
-    [[ -f "$repo_dir/.env" ]] \
-        && grep -Eq '^(export[[:space:]]+)?POSTGRES_AUTH_(DSN|HOST)=.+' "$repo_dir/.env"
+    local state_root="${LLAMAGATE_ROOT:-$repo_dir}" file
+    for file in "$state_root/.env" "$state_root/runtime/config.env"; do
+        [[ -f "$file" ]] && grep -Eq '^(export[[:space:]]+)?POSTGRES_AUTH_(DSN|HOST)=.+' "$file" && return 0
+    done
+    return 1
 }
 
 # Debian keeps initdb off PATH, in one directory per major version.

@@ -59,7 +59,9 @@ def start(settings: Settings, echo: Echo) -> StartResult:
         # Before anything starts: a busy port must not leave a backend behind.
         gateway.check_port_free()
     if gateway:
-        gateway.dsn = Database(settings, echo).ensure_running()
+        database = Database(settings, echo)
+        was_database_up = not database.is_managed or database.cluster().is_running()
+        gateway.dsn = database.ensure_running()
     backend = BackendSupervisor(settings, echo=echo, model_path=model_path)
     current = backend.status()
     was_running = current.is_serving
@@ -67,6 +69,7 @@ def start(settings: Settings, echo: Echo) -> StartResult:
         start_backend(backend, current, echo)
     if gateway is None:
         return StartResult(backend.status(), was_running)
+    was_running = was_running and was_database_up
     if not gateway_status.is_serving:
         was_running = False
         echo(f"starting the gateway on {gateway.url}")
