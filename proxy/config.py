@@ -53,10 +53,6 @@ def parse_positive_int(value: str) -> int:
     return number
 
 
-def parse_optional_positive_int(value: str) -> int | None:
-    return None if value == "" else parse_positive_int(value)
-
-
 def parse_positive_float(value: str) -> float:
     try:
         number = float(value)

@@ -7,8 +7,7 @@ failures become StoreError, whose message shows the DSN without its password.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,15 +63,6 @@ async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
     async with pool.acquire() as conn:
         await migrate(conn)
     return pool
-
-
-@contextlib.asynccontextmanager
-async def pool_context(dsn: str, max_size: int = 10) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(dsn, max_size)
-    try:
-        yield pool
-    finally:
-        await pool.close()
 
 
 @dataclass(frozen=True)
