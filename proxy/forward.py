@@ -142,8 +142,9 @@ class Forwarder:
                     method, self.backend_url + route, data=body or None, headers=headers
                 )
             except CONNECT_ERRORS as error:
-                # A first failure may be a pooled connection the backend had just closed.
-                if not self.is_restarting() and attempt > 1:
+                if attempt == 1:
+                    continue  # perhaps a pooled connection the backend had just closed
+                if not self.is_restarting():
                     raise bad_gateway(
                         f"the model backend is not reachable ({type(error).__name__}); "
                         f"the operator can check it with ./console.sh status"
@@ -156,8 +157,7 @@ class Forwarder:
                     ) from None
                 if attempt == 2:
                     self.on_restart_wait()
-                if attempt > 1:
-                    await asyncio.sleep(RETRY_INTERVAL_SECONDS)
+                await asyncio.sleep(RETRY_INTERVAL_SECONDS)
             except TimeoutError:
                 raise GatewayError(
                     504, "the model backend did not answer in time", "server_error", "timeout"

@@ -52,37 +52,39 @@ def check_ready_to_start(settings: Settings) -> Path:
 def start(settings: Settings, echo: Echo) -> StartResult:
     """Start whatever is not serving yet; return once everything answers."""
     model_path = check_ready_to_start(settings)
-    gateway = GatewaySupervisor(settings, echo=echo) if settings.is_gateway_mode else None
-    gateway_status = gateway.status() if gateway else None
-    if gateway and not gateway_status.is_serving:
+    if not settings.is_gateway_mode:
+        return StartResult(*ensure_backend(settings, model_path, echo))
+    gateway = GatewaySupervisor(settings, echo=echo)
+    was_gateway_up = gateway.status().is_serving
+    if not was_gateway_up:
         gateway.stop()
         # Before anything starts: a busy port must not leave a backend behind.
         gateway.check_port_free()
-    if gateway:
-        database = Database(settings, echo)
-        was_database_up = not database.is_managed or database.cluster().is_running()
-        gateway.dsn = database.ensure_running()
-    backend = BackendSupervisor(settings, echo=echo, model_path=model_path)
-    current = backend.status()
-    was_running = current.is_serving
-    if not was_running:
-        start_backend(backend, current, echo)
-    if gateway is None:
-        return StartResult(backend.status(), was_running)
-    was_running = was_running and was_database_up
-    if not gateway_status.is_serving:
-        was_running = False
+    database = Database(settings, echo)
+    was_database_up = not database.is_managed or database.cluster().is_running()
+    gateway.dsn = database.ensure_running()
+    backend_status, was_backend_up = ensure_backend(settings, model_path, echo)
+    if not was_gateway_up:
         echo(f"starting the gateway on {gateway.url}")
         gateway.start()
-    return StartResult(backend.status(), was_running, gateway.status())
+    was_running = was_database_up and was_backend_up and was_gateway_up
+    return StartResult(backend_status, was_running, gateway.status())
 
 
-def start_backend(backend: BackendSupervisor, current: ComponentStatus, echo: Echo) -> None:
+def ensure_backend(
+    settings: Settings, model_path: Path, echo: Echo
+) -> tuple[ComponentStatus, bool]:
+    """Start the backend unless it serves; its status, and whether it was serving already."""
+    backend = BackendSupervisor(settings, echo=echo, model_path=model_path)
+    current = backend.status()
+    if current.is_serving:
+        return current, True
     if backend.stop():
         echo(f"stopped a backend that did not answer (pid {current.pid})")
-    echo(f"starting llama_cpp.server with {backend.model_path.name} on {backend.url}")
-    with holding_requests(backend.settings):
+    echo(f"starting llama_cpp.server with {model_path.name} on {backend.url}")
+    with holding_requests(settings):
         backend.start()
+    return backend.status(), False
 
 
 @contextlib.contextmanager
