@@ -52,6 +52,7 @@ class UsageCounter:
         self.completion_tokens: int | None = None
         self.content_chunks = 0
         self.partial = b""
+        self.saw_done = False
 
     def feed_json(self, body: bytes) -> None:
         with contextlib.suppress(ValueError, TypeError, AttributeError):
@@ -61,7 +62,9 @@ class UsageCounter:
         lines = (self.partial + chunk).split(b"\n")
         self.partial = lines.pop()
         for line in lines:
-            if line.startswith(b"data:") and line.strip() != b"data: [DONE]":
+            if line.strip() == b"data: [DONE]":
+                self.saw_done = True
+            elif line.startswith(b"data:"):
                 self._take_event(line[5:])
 
     def finish_stream(self) -> None:
@@ -202,6 +205,11 @@ class Forwarder:
                 await response.write(chunk)
                 record.response_bytes += len(chunk)
                 counter.feed_stream(chunk)
+                if counter.saw_done:
+                    # The answer is complete. Clients (the openai one among them) hang up
+                    # right after [DONE]; waiting for the backend's end of stream first
+                    # would race that hang-up and log a finished answer as cut short.
+                    break
         except ConnectionResetError:
             # The client went away: leaving the `async with` closes the upstream too.
             record.status_code = CLIENT_GONE
@@ -218,5 +226,6 @@ class Forwarder:
             counter.finish_stream()
             record.prompt_tokens = counter.prompt_tokens
             record.completion_tokens = counter.completion_tokens
-        await response.write_eof()
+        with contextlib.suppress(ConnectionResetError):
+            await response.write_eof()  # the client may already have hung up after [DONE]
         return response

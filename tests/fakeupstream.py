@@ -37,6 +37,8 @@ class FakeUpstream:
         self.seen: list[Seen] = []
         self.chunks_sent = 0
         self.cut_short = 0  # streams whose client went away before [DONE]
+        # When set, a stream stays open after [DONE] until this is set (a slow end of stream).
+        self.end_of_stream: asyncio.Event | None = None
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -84,4 +86,6 @@ class FakeUpstream:
         except (asyncio.CancelledError, ConnectionResetError):
             self.cut_short += 1
             raise
+        if self.end_of_stream is not None:
+            await self.end_of_stream.wait()
         return response

@@ -278,6 +278,26 @@ async def test_client_disconnect_mid_stream_stops_the_backend_and_logs_499(gatew
     assert queue_of(gateway).stats().active == 0
 
 
+@pytest.mark.asyncio
+async def test_client_that_hangs_up_right_after_done_is_logged_as_served(gateway, db, upstream):
+    # The openai client closes its connection as soon as it reads [DONE]; the backend's
+    # end of stream may come later. The answer was complete, so the row says 200.
+    upstream.end_of_stream = asyncio.Event()
+    key = await add_user(db, "alice")
+    response = await gateway.post(
+        "/v1/chat/completions", json=chat(stream=True), headers=bearer(key)
+    )
+    request_id = response.headers["X-Request-Id"]
+    while await next_event(response) != b"data: [DONE]\n\n":
+        pass
+    response.close()
+    rows = await wait_until(
+        lambda: log_rows(db, "request_id = $1", request_id), "the request's log row"
+    )
+    upstream.end_of_stream.set()
+    assert (rows[0]["status_code"], rows[0]["completion_tokens"]) == (200, upstream.chunks)
+
+
 # --- backend trouble ---------------------------------------------------------------------
 
 
