@@ -136,11 +136,66 @@ async def m003_shared_rate_windows(conn: asyncpg.Connection) -> None:
     )
 
 
+async def m004_rate_slot_leases(conn: asyncpg.Connection) -> None:
+    # llamagate_take_slots, plus leases: up to p_extra more slots per user that a gateway
+    # may hand out locally for p_hold seconds without asking again. They are stamped at
+    # the end of the lease (now + p_hold), the latest moment one can be used, so the
+    # window never forgets a leased slot before it could have been spent: the count
+    # stays exact across gateways. A crash may lose the last rate stamps, never a
+    # request row, so this transaction commits without waiting for the WAL flush.
+    await conn.execute(
+        """
+        CREATE OR REPLACE FUNCTION llamagate_lease_slots(
+            p_users text[], p_wanted integer[], p_extra integer[], p_limits integer[],
+            p_windows double precision[], p_hold double precision
+        ) RETURNS TABLE (
+            username text, granted integer, leased integer, used integer,
+            oldest double precision, newest double precision, now_epoch double precision
+        ) LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            i integer;
+            kept double precision[];
+            take integer;
+            extra integer;
+            now_s double precision := extract(epoch FROM clock_timestamp());
+        BEGIN
+            PERFORM set_config('synchronous_commit', 'off', true);
+            -- Sorted, so that two gateways lock rows in the same order: no deadlock.
+            FOR i IN SELECT ord FROM unnest(p_users) WITH ORDINALITY AS u(name, ord)
+                     ORDER BY name LOOP
+                INSERT INTO rate_windows AS w (username) VALUES (p_users[i])
+                    ON CONFLICT (username) DO NOTHING;
+                SELECT ARRAY(
+                    SELECT s FROM unnest(w.stamps) AS s
+                    WHERE s > now_s - p_windows[i] ORDER BY s
+                ) INTO kept
+                FROM rate_windows AS w WHERE w.username = p_users[i] FOR UPDATE;
+                take := greatest(0, least(p_wanted[i], p_limits[i] - cardinality(kept)));
+                extra := greatest(0, least(p_extra[i], p_limits[i] - cardinality(kept) - take));
+                kept := kept || array_fill(now_s, ARRAY[take])
+                             || array_fill(now_s + p_hold, ARRAY[extra]);
+                UPDATE rate_windows AS w SET stamps = kept WHERE w.username = p_users[i];
+                username := p_users[i];
+                granted := take;
+                leased := extra;
+                used := cardinality(kept);
+                oldest := kept[1];
+                newest := kept[cardinality(kept)];
+                now_epoch := now_s;
+                RETURN NEXT;
+            END LOOP;
+        END $$;
+        """
+    )
+
+
 Migration = Callable[[asyncpg.Connection], Awaitable[None]]
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, m001_users_keys_requests),
     (2, m002_auth_notifications),
     (3, m003_shared_rate_windows),
+    (4, m004_rate_slot_leases),
 )
 
 

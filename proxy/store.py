@@ -92,7 +92,11 @@ async def fetch_key(pool: asyncpg.Pool, digest: bytes) -> KeyRecord | None:
 
 @dataclass(frozen=True)
 class SlotGrant:
-    """The database's answer for one user's batch of rate-limit slots (times in epoch s)."""
+    """The database's answer for one user's batch of rate-limit slots (times in epoch s).
+
+    `granted` slots are for the requests asked about; `leased` more may be handed out by
+    the gateway itself until the lease ends (see llamagate_lease_slots).
+    """
 
     username: str
     granted: int
@@ -100,6 +104,7 @@ class SlotGrant:
     oldest: float | None
     newest: float | None
     now: float
+    leased: int = 0
 
 
 async def take_rate_slots(
@@ -108,14 +113,20 @@ async def take_rate_slots(
     wanted: Sequence[int],
     limits: Sequence[int],
     windows: Sequence[float],
+    extra: Sequence[int],
+    hold_seconds: float,
 ) -> dict[str, SlotGrant]:
-    """Admit up to `wanted` requests per user inside their sliding windows, atomically."""
+    """Admit up to `wanted` requests per user inside their sliding windows, atomically,
+    and lease up to `extra` more slots for `hold_seconds`."""
     rows = await pool.fetch(
-        "SELECT * FROM llamagate_take_slots($1::text[], $2::int[], $3::int[], $4::float8[])",
+        "SELECT * FROM llamagate_lease_slots("
+        "$1::text[], $2::int[], $3::int[], $4::int[], $5::float8[], $6::float8)",
         list(users),
         list(wanted),
+        list(extra),
         list(limits),
         list(windows),
+        hold_seconds,
     )
     return {
         row["username"]: SlotGrant(
@@ -125,6 +136,7 @@ async def take_rate_slots(
             row["oldest"],
             row["newest"],
             row["now_epoch"],
+            row["leased"],
         )
         for row in rows
     }

@@ -74,7 +74,7 @@ def test_decision_headers_round_the_reset_up():
 async def test_shared_limiter_batches_concurrent_requests_into_few_round_trips():
     calls = []
 
-    async def take_slots(users, wanted, limits, windows):
+    async def take_slots(users, wanted, limits, windows, extra, hold):
         calls.append(list(zip(users, wanted, strict=True)))
         await asyncio.sleep(0)
         return {
@@ -98,6 +98,75 @@ async def test_shared_limiter_falls_back_to_an_exact_local_window_when_the_datab
     decisions = [await limiter.acquire("alice", 2) for _ in range(3)]
     assert [d.is_allowed for d in decisions] == [True, True, False]
     assert limiter.is_database_down
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def granting_everything(calls: list):
+    """A take_slots that grants every slot and lease it is asked for, noting each call."""
+
+    async def take_slots(users, wanted, limits, windows, extra, hold):
+        calls.append(dict(zip(users, zip(wanted, extra, strict=True), strict=True)))
+        return {
+            user: store.SlotGrant(user, w, w + x, 1.0, 1.0, 1.0, leased=x)
+            for user, w, x in zip(users, wanted, extra, strict=True)
+        }
+
+    return take_slots
+
+
+@pytest.mark.asyncio
+async def test_a_steady_user_spends_leased_slots_without_a_round_trip_each():
+    calls = []
+    limiter = SharedLimiter(granting_everything(calls), 60.0)
+    decisions = [await limiter.acquire("alice", 10_000) for _ in range(500)]
+    assert all(d.is_allowed for d in decisions)
+    assert len(calls) < 50, f"{len(calls)} round trips for 500 requests"
+    # Never more leased than 1% of the limit at once.
+    assert max(extra for call in calls for _, extra in call.values()) <= 100
+
+
+@pytest.mark.asyncio
+async def test_small_limits_are_never_leased():
+    calls = []
+    limiter = SharedLimiter(granting_everything(calls), 60.0)
+    for _ in range(20):
+        await limiter.acquire("alice", 99)
+    assert len(calls) == 20
+    assert all(extra == 0 for call in calls for _, extra in call.values())
+
+
+@pytest.mark.asyncio
+async def test_a_leased_slot_is_never_spent_after_its_lease_ends():
+    calls, clock = [], FakeClock()
+    limiter = SharedLimiter(granting_everything(calls), 60.0, clock=clock)
+    for _ in range(50):
+        await limiter.acquire("alice", 10_000)
+    assert limiter.leases["alice"].slots(clock.now) > 0
+    before = len(calls)
+    clock.now += SharedLimiter.LEASE_SECONDS  # the lease's stamps end now
+    await limiter.acquire("alice", 10_000)
+    assert len(calls) == before + 1, "an expired lease was spent instead of asking"
+
+
+@pytest.mark.asyncio
+async def test_leases_never_let_two_gateways_exceed_a_shared_limit(db):
+    take = lambda *batch: store.take_rate_slots(db, *batch)  # noqa: E731
+    first, second = SharedLimiter(take, 60.0), SharedLimiter(take, 60.0)
+    admitted = 0
+    for index in range(1_300):
+        limiter = first if index % 3 else second
+        admitted += (await limiter.acquire("alice", 1_000)).is_allowed
+    assert admitted <= 1_000
+    # Unspent leases are held back: at most 1% of the limit per gateway.
+    assert admitted >= 1_000 - 2 * 10
+    assert await store.count_rate_slots(db, "alice", 60.0) == 1_000
 
 
 # --- through the gateway, against the real database -------------------------------------
