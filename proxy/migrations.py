@@ -141,10 +141,15 @@ async def m004_rate_slot_leases(conn: asyncpg.Connection) -> None:
     # may hand out locally for p_hold seconds without asking again. They are stamped at
     # the end of the lease (now + p_hold), the latest moment one can be used, so the
     # window never forgets a leased slot before it could have been spent: the count
-    # stays exact across gateways. A crash may lose the last rate stamps, never a
-    # request row, so this transaction commits without waiting for the WAL flush.
+    # stays exact across gateways.
+    # Stamps now carry a count (NULL: 1, as m003 wrote them), so a row holds a few
+    # entries per round trip instead of one per request: a busy user with a large limit
+    # no longer makes every call sort and rewrite tens of thousands of stamps.
+    # A crash may lose the last rate stamps, never a request row, so this transaction
+    # commits without waiting for the WAL flush.
     await conn.execute(
         """
+        ALTER TABLE rate_windows ADD COLUMN IF NOT EXISTS counts integer[];
         CREATE OR REPLACE FUNCTION llamagate_lease_slots(
             p_users text[], p_wanted integer[], p_extra integer[], p_limits integer[],
             p_windows double precision[], p_hold double precision
@@ -155,7 +160,9 @@ async def m004_rate_slot_leases(conn: asyncpg.Connection) -> None:
         #variable_conflict use_column
         DECLARE
             i integer;
-            kept double precision[];
+            kept_stamps double precision[];
+            kept_counts integer[];
+            in_use integer;
             take integer;
             extra integer;
             now_s double precision := extract(epoch FROM clock_timestamp());
@@ -166,22 +173,31 @@ async def m004_rate_slot_leases(conn: asyncpg.Connection) -> None:
                      ORDER BY name LOOP
                 INSERT INTO rate_windows AS w (username) VALUES (p_users[i])
                     ON CONFLICT (username) DO NOTHING;
-                SELECT ARRAY(
-                    SELECT s FROM unnest(w.stamps) AS s
-                    WHERE s > now_s - p_windows[i] ORDER BY s
-                ) INTO kept
-                FROM rate_windows AS w WHERE w.username = p_users[i] FOR UPDATE;
-                take := greatest(0, least(p_wanted[i], p_limits[i] - cardinality(kept)));
-                extra := greatest(0, least(p_extra[i], p_limits[i] - cardinality(kept) - take));
-                kept := kept || array_fill(now_s, ARRAY[take])
-                             || array_fill(now_s + p_hold, ARRAY[extra]);
-                UPDATE rate_windows AS w SET stamps = kept WHERE w.username = p_users[i];
+                PERFORM 1 FROM rate_windows AS w WHERE w.username = p_users[i] FOR UPDATE;
+                SELECT coalesce(array_agg(t.s ORDER BY t.s), '{}'),
+                       coalesce(array_agg(coalesce(t.c, 1) ORDER BY t.s), '{}'),
+                       coalesce(sum(coalesce(t.c, 1)), 0)
+                INTO kept_stamps, kept_counts, in_use
+                FROM rate_windows AS w, unnest(w.stamps, w.counts) AS t(s, c)
+                WHERE w.username = p_users[i] AND t.s > now_s - p_windows[i];
+                take := greatest(0, least(p_wanted[i], p_limits[i] - in_use));
+                extra := greatest(0, least(p_extra[i], p_limits[i] - in_use - take));
+                IF take > 0 THEN
+                    kept_stamps := kept_stamps || now_s;
+                    kept_counts := kept_counts || take;
+                END IF;
+                IF extra > 0 THEN
+                    kept_stamps := kept_stamps || (now_s + p_hold);
+                    kept_counts := kept_counts || extra;
+                END IF;
+                UPDATE rate_windows AS w SET stamps = kept_stamps, counts = kept_counts
+                    WHERE w.username = p_users[i];
                 username := p_users[i];
                 granted := take;
                 leased := extra;
-                used := cardinality(kept);
-                oldest := kept[1];
-                newest := kept[cardinality(kept)];
+                used := in_use + take + extra;
+                oldest := kept_stamps[1];
+                newest := kept_stamps[cardinality(kept_stamps)];
                 now_epoch := now_s;
                 RETURN NEXT;
             END LOOP;

@@ -146,8 +146,9 @@ async def count_rate_slots(pool: asyncpg.Pool, username: str, window: float) -> 
     """How many of the user's admissions are inside the sliding window now (no side effect)."""
     return await pool.fetchval(
         """
-        SELECT count(*) FROM rate_windows AS w, unnest(w.stamps) AS s
-        WHERE w.username = $1 AND s > extract(epoch FROM clock_timestamp()) - $2
+        SELECT coalesce(sum(coalesce(t.c, 1)), 0)
+        FROM rate_windows AS w, unnest(w.stamps, w.counts) AS t(s, c)
+        WHERE w.username = $1 AND t.s > extract(epoch FROM clock_timestamp()) - $2
         """,
         username,
         window,
