@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
@@ -302,6 +303,47 @@ def test(pytest_args: tuple[str, ...]) -> None:
     from runtime.devtools import run_tests
 
     sys.exit(run_tests(list(pytest_args)))
+
+
+def size_option(name: str, default: float, what: str):
+    """A --NAME option that sets how big a bench run is; the smoke test makes them tiny."""
+    number = click.FloatRange(min=1) if isinstance(default, float) else click.IntRange(min=1)
+    return click.option(name, default=default, show_default=True, type=number, help=what)
+
+
+@cli.command()
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
+@size_option("--seconds", 10.0, "Length of each wrk run (scenario 1).")
+@size_option("--stream-prompts", 4, "Prompts per pass, paths alternating (scenario 2).")
+@size_option("--stream-tokens", 64, "Tokens per stream (scenario 2).")
+@size_option("--flood", 16, "A's requests in flight (scenario 3).")
+@size_option("--flood-tokens", 64, "Tokens per request of A's (scenario 3).")
+@size_option("--probes", 3, "B's requests, one at a time (scenario 3).")
+def bench(json_path: str | None, **sizes: float) -> None:
+    """Measure the gateway against the direct path, side by side; print the table.
+
+    Runs a private stack (temp LLAMAGATE_ROOT, free ports, the fallback model), never
+    the configured service, and stops all of it at the end, on Ctrl-C too. Needs wrk
+    (apt-get install wrk). About 4 minutes on 2 cores. Exit 0 when it ran, even if a
+    target is MISSED; 1 when it could not run.
+
+    \b
+    Example:
+        ./console.sh bench
+        ./console.sh bench --json bench.json --seconds 5
+    """
+    from runtime.bench.errors import BenchError
+    from runtime.bench.report import render_table
+    from runtime.bench.scenarios import BenchOptions, run_bench
+
+    try:
+        report = run_bench(BenchOptions(**sizes), click.echo)
+    except BenchError as error:
+        raise ConsoleError(str(error)) from None
+    click.echo(render_table(report))
+    if json_path:
+        report.write_json(Path(json_path))
+        click.echo(f"wrote {json_path}")
 
 
 for command in (cli_models.models, cli_models.pull, cli_models.rm, cli_models.use):

