@@ -226,13 +226,13 @@ class SharedLimiter:
         except store.UNAVAILABLE_ERRORS as error:
             self._note_database(is_down=True, error=error)
             for item in batch:
-                if item.future is not None:
+                if _is_waiting(item):
                     item.future.set_result(self.local.allow(item.user, item.limit, self.clock()))
             return
         self._note_database(is_down=False)
         for user, items in by_user.items():
             self._keep_lease(user, items[0].limit, grants[user], leased_at)
-            self._answer([item for item in items if item.future is not None], grants[user])
+            self._answer([item for item in items if _is_waiting(item)], grants[user])
 
     def _keep_lease(self, user: str, limit: int, grant: store.SlotGrant, leased_at: float) -> None:
         lease = self.leases.get(user)
@@ -273,3 +273,9 @@ class SharedLimiter:
         elif not is_down and self.is_database_down:
             log.warning("rate limits: database is back; counting across gateways again")
         self.is_database_down = is_down
+
+
+def _is_waiting(item: _Pending) -> bool:
+    """A request still waiting for its answer: not a refill, and its client has not gone
+    (a cancelled future refuses a result, which would fail the whole batch)."""
+    return item.future is not None and not item.future.done()

@@ -100,6 +100,24 @@ async def test_shared_limiter_falls_back_to_an_exact_local_window_when_the_datab
     assert limiter.is_database_down
 
 
+@pytest.mark.asyncio
+async def test_a_request_cancelled_while_its_batch_is_asked_does_not_fail_the_others():
+    answered = asyncio.Event()
+
+    async def take_slots(users, wanted, limits, windows, extra, hold):
+        await answered.wait()
+        pairs = zip(users, wanted, strict=True)
+        return {u: store.SlotGrant(u, w, w, 1.0, 1.0, 1.0) for u, w in pairs}
+
+    limiter = SharedLimiter(take_slots, 60.0)
+    gone = asyncio.create_task(limiter.acquire("alice", 5))
+    stays = asyncio.create_task(limiter.acquire("alice", 5))
+    await asyncio.sleep(0)  # both are in the batch now
+    gone.cancel()  # its client hung up
+    answered.set()
+    assert (await stays).is_allowed
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
