@@ -9,6 +9,7 @@ from aiohttp import web
 
 from proxy.app import make_app
 from proxy.config import ProxyConfigError, load_config
+from proxy.server import server_options
 from proxy.store import StoreError
 
 
@@ -30,9 +31,7 @@ def main() -> int:
             make_app(config),
             host=config.host,
             port=config.port,
-            shutdown_timeout=config.drain_seconds,
-            handler_cancellation=True,
-            access_log=None,
+            **server_options(config),
             print=lambda message: logging.getLogger("proxy").info("%s", message),
         )
     except StoreError as error:

@@ -175,6 +175,14 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         GATEWAY,
     ),
     Key(
+        "LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS",
+        "30",
+        parse_positive_float,
+        "how long a client may take to send a request: a body still arriving after this "
+        "gets 408, and a connection without a whole request head by then is closed",
+        GATEWAY,
+    ),
+    Key(
         "LLAMA_PROXY_DRAIN_SECONDS",
         "30",
         parse_positive_float,
@@ -236,6 +244,7 @@ class ProxyConfig:
     drain_seconds: float
     auth_outage_grace_seconds: float
     metrics_token: str
+    client_timeout_seconds: float = 30.0
 
 
 def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:
@@ -308,4 +317,5 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
         drain_seconds=values["LLAMA_PROXY_DRAIN_SECONDS"],
         auth_outage_grace_seconds=values["LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS"],
         metrics_token=values["LLAMA_PROXY_METRICS_TOKEN"],
+        client_timeout_seconds=values["LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"],
     )

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from proxy import appkeys, store
 from proxy.auth import Identity, extract_key
@@ -132,14 +133,35 @@ async def enforce_rate_limit(request: web.Request, identity: Identity) -> None:
         )
 
 
-async def read_json_body(request: web.Request) -> bytes:
-    """The body, checked to be a JSON object within the size limit; notes model and stream."""
-    if (request.content_length or 0) > request.app[appkeys.CONFIG].max_body_bytes:
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within the size limit and the client timeout (else 413, 408, 400)."""
+    config = request.app[appkeys.CONFIG]
+    if (request.content_length or 0) > config.max_body_bytes:
         raise too_large(request)
     try:
-        body = await request.read()
+        # One deadline for the whole body, not per read: a client that sends a byte a
+        # second (slowloris) must not hold its connection for ever.
+        async with asyncio.timeout(config.client_timeout_seconds):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise too_large(request) from None
+    except TimeoutError:
+        raise GatewayError(
+            408,
+            f"the request body did not arrive within {config.client_timeout_seconds:g} seconds",
+            code="timeout",
+        ) from None
+    except RequestPayloadError as error:
+        # aiohttp's parser gave up on the body (e.g. a Content-Encoding that does not decode).
+        reason = str(error).splitlines()[-1].strip()[:100]
+        raise GatewayError(
+            400, f"the request body could not be read: {reason}", code="invalid_body"
+        ) from None
+
+
+async def read_json_body(request: web.Request) -> bytes:
+    """The body, checked to be a JSON object within the size limit; notes model and stream."""
+    body = await read_body(request)
     record = request[appkeys.RECORD]
     record.request_bytes = len(body)
     try:
@@ -207,7 +229,7 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {
         "backend": await _check_backend(app),
         "database": await _check_database(app),
-        "request_log": app[appkeys.REQUEST_LOG].spool.error or "ok",
+        "request_log": app[appkeys.REQUEST_LOG].problem or "ok",
     }
     is_ready = all(value == "ok" for value in checks.values())
     queue = app[appkeys.QUEUE].stats()

@@ -9,7 +9,7 @@ import sys
 
 from runtime.settings import CODE_DIR
 
-DEV_MODULES = ("pytest", "pytest_aiohttp", "pytest_timeout", "openai")
+DEV_MODULES = ("pytest", "pytest_aiohttp", "pytest_timeout", "openai", "hypothesis")
 
 
 def missing_dev_modules() -> list[str]:

@@ -19,6 +19,7 @@ from gatewayhelpers import gateway_config
 
 from proxy import store
 from proxy.app import make_app
+from proxy.server import server_options
 
 
 @pytest.fixture
@@ -49,8 +50,8 @@ async def start_gateway(
 ) -> StartGateway:
     """Start a gateway (call it twice for two gateways sharing the database).
 
-    aiohttp's TestServer runs with handler_cancellation=True, as `python -m proxy` does,
-    so a client that disconnects cancels its handler.
+    The TestServer runs with proxy/server.py's options, as `python -m proxy` does: so a
+    client that disconnects cancels its handler, and slow clients meet the same timeouts.
     """
     count = 0
 
@@ -59,7 +60,11 @@ async def start_gateway(
         count += 1
         url = backend_url or str(upstream_server.make_url("")).rstrip("/")
         config = gateway_config(pg_dsn, url, tmp_path / f"gateway{count}", **overrides)
-        return await aiohttp_client(make_app(config))
+        server = TestServer(make_app(config))
+        options = server_options(config)
+        del options["handler_cancellation"]  # TestServer always sets it, to True
+        await server.start_server(**options)
+        return await aiohttp_client(server)
 
     return start
 
