@@ -216,6 +216,8 @@ class Forwarder:
             record.error = "client disconnected mid-stream"
             return response
         except (aiohttp.ClientError, TimeoutError) as error:
+            # The client saw 200 long ago, but the log must not count this as served.
+            record.status_code = 504 if isinstance(error, TimeoutError) else 502
             record.error = f"the backend broke off the stream ({type(error).__name__})"
             log.warning("request %s: %s", record.request_id, record.error)
             # Tell the client in the stream itself; the status line has long been sent.

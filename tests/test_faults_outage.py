@@ -1,0 +1,294 @@
+"""Faults around the gateway's database: an outage during traffic, a spool it cannot write.
+
+The database is a real PostgreSQL cluster of this module's own, so that a test can stop
+and start it without disturbing the session's cluster under other tests. The gateway runs
+in process, in front of the fake upstream. Faults of whole processes (kill -9, cron runs)
+are in test_faults.py; SIGTERM during streams in test_faults_sigterm.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from gatewayhelpers import (
+    add_user,
+    bearer,
+    chat,
+    gateway_config,
+    wait_until,
+)
+from pgfixture import fresh_database, temporary_cluster
+
+from proxy import appkeys, requestlog, store
+from proxy.app import make_app
+from proxy.requestlog import RequestLog, RequestRecord, Spool
+
+pytest_plugins = ["gatewayfixture"]
+
+OUTAGE_GRACE_SECONDS = 2.0
+CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
+DEADLINE = 20.0  # generous: 2 shared cores; only there to turn a hang into a failure
+
+
+@pytest.fixture(scope="module")
+def own_cluster():
+    """A cluster this module may stop and start at will."""
+    with temporary_cluster() as cluster:
+        cluster.ensure_running()
+        yield cluster
+
+
+@pytest.fixture
+def own_dsn(own_cluster):
+    """A fresh database in the module's cluster, which is running again afterwards."""
+    own_cluster.start()
+    with fresh_database(own_cluster) as dsn:
+        asyncio.run(_migrate(dsn))
+        yield dsn
+        own_cluster.start()  # so that the database can be dropped
+
+
+async def _migrate(dsn: str) -> None:
+    pool = await store.create_pool(dsn)
+    await pool.close()
+
+
+@pytest_asyncio.fixture
+async def outage_gateway(own_dsn, aiohttp_client, upstream_server, tmp_path):
+    """Start a gateway on the module's cluster (with config overrides)."""
+
+    async def start(**overrides):
+        url = str(upstream_server.make_url("")).rstrip("/")
+        config = gateway_config(own_dsn, url, tmp_path, **overrides)
+        return await aiohttp_client(make_app(config))
+
+    return start
+
+
+async def execute(dsn: str, sql: str, *args) -> None:
+    """One statement on a connection of its own, as psql or the admin CLI would."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def new_key(dsn: str, username: str) -> str:
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=1)
+    try:
+        return await add_user(pool, username)
+    finally:
+        await pool.close()
+
+
+async def logged_ids(dsn: str) -> set[str]:
+    """request_ids in llama_requests; empty while the database is down."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=2)
+    except (OSError, asyncpg.PostgresError):
+        return set()
+    try:
+        return {row[0] for row in await conn.fetch("SELECT request_id FROM llama_requests")}
+    finally:
+        await conn.close()
+
+
+async def ask(gateway, key: str) -> tuple[int, str]:
+    """One chat completion; its status and X-Request-Id."""
+    response = await gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    await response.read()
+    return response.status, response.headers["X-Request-Id"]
+
+
+async def in_thread(function) -> None:
+    """pg_ctl blocks; keep the gateway's event loop turning meanwhile."""
+    await asyncio.to_thread(function)
+
+
+# --- PostgreSQL stopped and started during traffic -------------------------------------
+
+
+class Traffic:
+    """One user's steady requests through an outage: every status and request id."""
+
+    def __init__(self, gateway, key: str) -> None:
+        self.gateway, self.key = gateway, key
+        self.sent: dict[str, int] = {}
+        self.is_done = False
+
+    async def run(self) -> None:
+        while not self.is_done:
+            status, request_id = await ask(self.gateway, self.key)
+            self.sent[request_id] = status
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.asyncio
+async def test_database_outage_keeps_cached_keys_for_the_grace_only_and_loses_no_row(
+    outage_gateway, own_dsn, own_cluster
+):
+    gateway = await outage_gateway(
+        auth_outage_grace_seconds=OUTAGE_GRACE_SECONDS, rate_limit=100_000
+    )
+    keys = {name: await new_key(own_dsn, name) for name in ("alice", "bob", "carol", "dave")}
+    cache = gateway.app[appkeys.AUTHENTICATOR].cache
+    await wait_until(lambda: cache.is_listening, "the auth listener")
+    for name in ("alice", "bob", "carol"):  # checked, so cached as valid; dave never calls
+        assert (await ask(gateway, keys[name]))[0] == 200
+    await revoke_and_wait_for_the_notification(own_dsn, cache, keys["bob"], keys["carol"])
+    # Cached again after the revocation: alice as valid, bob as revoked; carol not at all.
+    assert [(await ask(gateway, keys[name]))[0] for name in ("alice", "bob")] == [200, 401]
+    traffic = Traffic(gateway, keys["alice"])
+    sender = asyncio.create_task(traffic.run())
+    await in_thread(own_cluster.stop)
+    outage_started = time.monotonic()
+    statuses = {name: (await ask(gateway, keys[name]))[0] for name in keys}
+    assert statuses == {"alice": 200, "bob": 401, "carol": 503, "dave": 503}
+    # Past the grace, even alice's cached key gets 503 until the database returns.
+    await asyncio.sleep(OUTAGE_GRACE_SECONDS - (time.monotonic() - outage_started) + 0.3)
+    assert (await ask(gateway, keys["alice"]))[0] == 503
+    await in_thread(own_cluster.start)
+    await wait_until(lambda: _served_after(traffic), "alice to be served again", DEADLINE)
+    traffic.is_done = True
+    await sender
+    assert set(traffic.sent.values()) <= {200, 503}, traffic.sent
+    statuses = {name: (await ask(gateway, keys[name]))[0] for name in keys}
+    assert statuses == {"alice": 200, "bob": 401, "carol": 401, "dave": 200}
+    every_id = set(traffic.sent)
+    await wait_until(
+        lambda: _contains(logged_ids(own_dsn), every_id), "every row in llama_requests", DEADLINE
+    )
+
+
+async def revoke_and_wait_for_the_notification(dsn: str, cache, *keys: str) -> None:
+    generation = cache.generation
+    await execute(
+        dsn,
+        "UPDATE api_keys SET revoked_at = now() WHERE key_id = ANY($1)",
+        [key[4:16] for key in keys],
+    )
+    await wait_until(lambda: cache.generation > generation, "the revocation's notification")
+
+
+def _served_after(traffic: Traffic) -> bool:
+    statuses = list(traffic.sent.values())
+    return 503 in statuses and statuses[-1] == 200
+
+
+async def _contains(ids, wanted: set[str]) -> bool:
+    return wanted <= await ids
+
+
+# --- the spool's disk refuses writes ----------------------------------------------------
+
+
+@contextmanager
+def unwritable_spool(tmp_path: Path, how: str) -> Iterator[Path]:
+    """A spool path whose writes really fail: ENOSPC (/dev/full) or EROFS (a ro mount)."""
+    if how == "disk-full":
+        spool = tmp_path / "requests.spool"
+        spool.symlink_to("/dev/full")  # writes fail with ENOSPC; no privileges needed
+        yield spool
+        return
+    mount_point = tmp_path / "read-only"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point / "spool" / "requests.spool"
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [("disk-full", "No space left on device"), ("read-only", "Read-only file system")],
+)
+async def test_an_unwritable_spool_is_reported_and_its_rows_survive_in_memory(
+    outage_gateway, own_dsn, own_cluster, tmp_path, caplog, how, reason
+):
+    with unwritable_spool(tmp_path, how) as spool_path:
+        gateway = await outage_gateway(spool_path=spool_path)
+        key = await new_key(own_dsn, "alice")
+        assert (await ask(gateway, key))[0] == 200
+        await in_thread(own_cluster.stop)
+        sent = {(await ask(gateway, key))[1] for _ in range(3)}
+        ready = await _wait_for_readyz(gateway, lambda body: body["request_log"] != "ok")
+        assert "cannot write the spool file" in ready["request_log"]
+        assert reason in ready["request_log"]
+        assert any(r.levelno == logging.ERROR and reason in r.getMessage() for r in caplog.records)
+        assert (await ask(gateway, key))[0] == 200  # still serving: nothing crashed
+        await in_thread(own_cluster.start)
+        ready = await _wait_for_readyz(gateway, lambda body: body["ready"])
+        assert ready["request_log"] == "ok"
+        await wait_until(lambda: _contains(logged_ids(own_dsn), sent), "the kept rows", DEADLINE)
+
+
+async def _wait_for_readyz(gateway, condition) -> dict:
+    async def probe() -> dict | None:
+        response = await gateway.get("/readyz")
+        body = await response.json()
+        assert (response.status == 200) == body["ready"]
+        return body if condition(body) else None
+
+    return await wait_until(probe, "/readyz", DEADLINE)
+
+
+class DownDatabase:
+    async def insert(self, rows) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+
+def rows(count: int) -> list[tuple]:
+    """Rows as the gateway makes them, with distinct request ids."""
+    return [
+        RequestRecord(f"request-{number}", CREATED_AT, "POST", "/", None, 0.0).to_row(0.0)
+        for number in range(count)
+    ]
+
+
+@pytest.mark.asyncio
+async def test_rows_held_in_memory_are_capped_and_the_loss_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(requestlog, "MAX_BUFFERED_ROWS", 5)
+    (tmp_path / "a-file").write_text("")
+    journal = RequestLog(DownDatabase().insert, Spool(tmp_path / "a-file" / "requests.spool"))
+    for row in rows(8):
+        journal.add(row)
+        await journal.flush()
+    assert journal.buffer == rows(8)[3:]  # the newest five; the oldest three are gone
+    assert journal.dropped == 3
+    assert "3 rows dropped" in journal.problem
+
+
+@pytest.mark.asyncio
+async def test_a_spool_that_cannot_be_read_keeps_the_rows_instead_of_losing_them(tmp_path):
+    written: list[tuple] = []
+
+    async def insert(batch) -> None:
+        written.extend(batch)
+
+    spool_path = tmp_path / "requests.spool"
+    spool_path.mkdir()  # stat says it has bytes, but it cannot be opened as a file
+    (spool_path / "filler").write_text("x")
+    journal = RequestLog(insert, Spool(spool_path))
+    journal.add(rows(1)[0])
+    await journal.flush()  # must not raise
+    assert journal.buffer == rows(1)
+    assert journal.problem and "spool" in journal.problem
