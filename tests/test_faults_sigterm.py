@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from datetime import UTC, datetime
 
@@ -16,11 +15,10 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from conftest import clean_environ
 from gatewayhelpers import BACKEND_KEY, add_user, bearer, chat, free_port, wait_until
+from gatewayprocess import GatewayProcess, start_gateway_process
 
 from proxy.requestlog import RequestLog, RequestRecord, Spool
-from runtime.settings import CODE_DIR
 
 pytest_plugins = ["gatewayfixture"]
 
@@ -65,37 +63,29 @@ async def slow_backend(aiohttp_server) -> tuple[SlowStreams, str]:
 
 @pytest_asyncio.fixture
 async def gateway_process(pg_dsn, db, slow_backend, tmp_path):
-    """Start `python -m proxy` on its own, in front of the fake upstream."""
-    port = free_port()
-    env = {
-        **clean_environ(),
-        "PYTHONPATH": str(CODE_DIR),
+    """Start `python -m proxy` on its own (tests/gatewayprocess.py), before the slow backend."""
+    settings = {
         "LLAMA_PROXY_HOST": "127.0.0.1",
-        "LLAMA_PROXY_PORT": str(port),
+        "LLAMA_PROXY_PORT": str(free_port()),
         "LLAMA_PROXY_BACKEND_URL": slow_backend[1],
         "LLAMA_API_KEY": BACKEND_KEY,
         "POSTGRES_AUTH_DSN": pg_dsn,
         "LLAMA_PROXY_SPOOL_PATH": str(tmp_path / "requests.spool"),
         "LLAMA_PROXY_BACKEND_CONCURRENCY": "2",  # both streams at once
     }
-    started: list[asyncio.subprocess.Process] = []
+    started: list[GatewayProcess] = []
 
-    async def start(drain_seconds: float) -> tuple[asyncio.subprocess.Process, str]:
-        env["LLAMA_PROXY_DRAIN_SECONDS"] = str(drain_seconds)
-        log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 - the child owns it
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", env=env, cwd=tmp_path, stdout=log, stderr=log
-        )
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        await wait_until(lambda: _answers(url + "/healthz"), "the gateway to listen", DEADLINE)
-        return process, url
+    async def start(drain_seconds: float) -> GatewayProcess:
+        drain = {"LLAMA_PROXY_DRAIN_SECONDS": str(drain_seconds)}
+        gateway = await start_gateway_process({**settings, **drain}, tmp_path / "proxy.log")
+        started.append(gateway)
+        return gateway
 
     yield start
-    for process in started:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+    for gateway in started:
+        if gateway.process.poll() is None:
+            gateway.process.kill()
+            gateway.process.wait()
 
 
 async def _answers(url: str) -> bool:
@@ -121,19 +111,20 @@ async def test_sigterm_lets_streams_finish_then_exits_0_with_their_rows_written(
 ):
     backend, _ = slow_backend
     key = await add_user(db, "alice")
-    process, url = await gateway_process(drain_seconds=15)
+    gateway = await gateway_process(drain_seconds=15)
+    url = gateway.url
     async with aiohttp.ClientSession() as session:
         streams = [await open_stream(session, url, key) for _ in range(2)]
-        process.send_signal(signal.SIGTERM)
+        gateway.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         await asyncio.sleep(1.0)  # the streams outlive the signal...
-        assert process.returncode is None
+        assert gateway.process.poll() is None
         assert not await _answers(url + "/healthz")  # ...but no new request is taken
         backend.release.set()  # ...and then finish
         for response, first in streams:
             rest = await asyncio.wait_for(response.content.read(), DEADLINE)
             assert (first + rest).endswith(b"data: [DONE]\n\n")
-    assert await asyncio.wait_for(process.wait(), DEADLINE) == 0
+    assert await asyncio.to_thread(gateway.process.wait, DEADLINE) == 0
     drain = time.monotonic() - signalled
     assert drain < 15, drain
     ids = {response.headers["X-Request-Id"] for response, _ in streams}
@@ -146,12 +137,13 @@ async def test_sigterm_cuts_a_stream_that_outlives_the_drain_and_still_logs_it(
     gateway_process, db, slow_backend
 ):
     key = await add_user(db, "alice")
-    process, url = await gateway_process(drain_seconds=1)
+    gateway = await gateway_process(drain_seconds=1)
+    url = gateway.url
     async with aiohttp.ClientSession() as session:
         response, _first = await open_stream(session, url, key)
-        process.send_signal(signal.SIGTERM)
+        gateway.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
-        assert await asyncio.wait_for(process.wait(), DEADLINE) == 0
+        assert await asyncio.to_thread(gateway.process.wait, DEADLINE) == 0
         took = time.monotonic() - signalled
         with pytest.raises(aiohttp.ClientError):
             await asyncio.wait_for(response.content.read(), DEADLINE)
