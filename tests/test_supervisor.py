@@ -2,36 +2,94 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
-import time
+from pathlib import Path
 
 import openai
-from conftest import CODE_DIR, TEST_API_KEY
+from conftest import CODE_DIR, TEST_API_KEY, wait_for
+
+from runtime.procs import terminate_group
+from runtime.settings import Paths, load_settings
+from runtime.supervisor import BackendSupervisor
+
+
+class StrangerLauncher(BackendSupervisor):
+    """Launches `sleep` the way the backend is launched, so the pid file is a real one."""
+
+    def command(self) -> list[str]:
+        return ["sleep", "300"]
+
+    def environment(self) -> dict[str, str]:
+        return {"PATH": os.environ["PATH"]}
 
 
 def test_pid_file_naming_another_program_is_not_trusted(home):
-    stranger = subprocess.Popen(["sleep", "300"])
+    # The stranger leads a session of its own, as the backend does, so a killpg would reach
+    # it; and its pid file is written by the supervisor's own launch(), so it holds all
+    # that a real one holds (start time included). Only the command line gives it away.
+    settings = load_settings(Paths(root=home.root), {}, home.env)
+    stranger = StrangerLauncher(settings, echo=lambda line: None).launch()
     try:
-        pidfile = home.root / "runtime" / "run" / "backend.pid"
-        pidfile.parent.mkdir(parents=True)
-        pidfile.write_text(
-            json.dumps(
-                {
-                    "pid": stranger.pid,
-                    "marker": "llama_cpp.server",
-                    "started_at": time.time(),
-                    "details": {},
-                }
-            )
-        )
-        assert home.run("status").returncode == 1
+        assert os.getsid(stranger.pid) == stranger.pid
+        assert home.backend_pid() == stranger.pid
+        result = home.run("status", "--json")
+        assert result.returncode == 1, result.stderr
+        backend_status = json.loads(result.stdout)["backend"]
+        assert backend_status["state"] == "degraded"
+        assert f"process {stranger.pid} has died" in backend_status["detail"]
         assert home.run("stop").returncode == 0
         assert stranger.poll() is None, "stop killed a process that was not the backend"
         assert home.run("start").returncode == 0
         assert home.backend_pid() != stranger.pid
+        assert stranger.poll() is None, "start killed a process that was not the backend"
     finally:
-        stranger.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stranger.pid, signal.SIGKILL)
+        stranger.process.wait()
+        stranger.pump.wait()
+
+
+def sigterm_is_ignored(pid: int) -> bool:
+    """True once the process has set SIGTERM to be ignored (its SigIgn mask in /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def live_members_of_group(pgid: int) -> list[int]:
+    """Pids of the group's processes that still run (zombies waiting for a reaper do not)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def test_terminate_group_kills_a_group_that_ignores_sigterm_after_the_grace():
+    # A shell that ignores SIGTERM, and its sleep, which inherits the ignored signal:
+    # only the SIGKILL after the grace period can end them.
+    stubborn = subprocess.Popen(["sh", "-c", 'trap "" TERM; sleep 300'], start_new_session=True)
+    try:
+        wait_for(lambda: sigterm_is_ignored(stubborn.pid), 10, "the shell to ignore SIGTERM")
+        has_killed = terminate_group(stubborn.pid, grace_seconds=0.5)
+        assert has_killed, "terminate_group did not say that it had to SIGKILL"
+        wait_for(lambda: not live_members_of_group(stubborn.pid), 5, "the group to be gone")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(stubborn.pid, signal.SIGKILL)
+        stubborn.wait()  # already reaped by terminate_group, Popen copes with that
 
 
 def test_backend_log_is_rotated_by_size(home):
