@@ -9,7 +9,7 @@ import pytest
 from gatewayhelpers import add_user, bearer, chat, wait_until
 from multidict import CIMultiDict
 
-from proxy import appkeys
+from proxy import appkeys, store
 from proxy.auth import extract_key
 from proxy.config import database_dsn, redact_dsn
 from proxy.errors import GatewayError
@@ -141,6 +141,31 @@ async def test_bad_auth_header_is_refused_with_openai_401(gateway, db, upstream,
                 "/v1/chat/completions", json=chat(), headers=make_headers(key)
             )
             assert_refused(response, await response.json(), key)
+    assert upstream.seen == []
+
+
+@pytest.mark.asyncio
+async def test_key_whose_digest_differs_from_a_stored_one_in_its_last_byte_is_refused(
+    gateway, db, upstream
+):
+    # A SHA-256 near-miss cannot be found by search, so it is made the other way round:
+    # the stored row carries the presented key's id and digest, but with its last byte
+    # flipped. A lookup that compared only a prefix of the digest would let this key in.
+    presented = generate_key()
+    near_miss = presented.digest[:-1] + bytes([presented.digest[-1] ^ 0x01])
+    await db.execute("INSERT INTO users (username) VALUES ('alice')")
+    await db.execute(
+        "INSERT INTO api_keys (key_id, user_id, digest) "
+        "SELECT $1, id, $2 FROM users WHERE username = 'alice'",
+        presented.key_id,
+        near_miss,
+    )
+    assert (await store.fetch_key(db, near_miss)).username == "alice"  # the row is there
+    assert await store.fetch_key(db, presented.digest) is None
+    response = await gateway.post(
+        "/v1/chat/completions", json=chat(), headers=bearer(presented.secret_key)
+    )
+    assert_refused(response, await response.json(), presented.secret_key)
     assert upstream.seen == []
 
 
