@@ -1,4 +1,5 @@
-"""Fixtures for the gateway tests: a fake upstream, the real PostgreSQL, and make_app.
+"""Fixtures for the gateway tests: a fake upstream, the real PostgreSQL, make_app, and
+`python -m proxy` as its own process.
 
 Registered by the tests/test_gateway_*.py modules through `pytest_plugins`; the plain
 helpers they import live in gatewayhelpers.py, so that this plugin is imported (and its
@@ -15,7 +16,8 @@ import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from fakeupstream import FakeUpstream
-from gatewayhelpers import gateway_config
+from gatewayhelpers import BACKEND_KEY, free_port, gateway_config
+from gatewayprocess import GatewayProcess, start_gateway_process
 
 from proxy import store
 from proxy.app import make_app
@@ -73,3 +75,24 @@ async def start_gateway(
 async def gateway(start_gateway: StartGateway) -> TestClient:
     """One gateway with the default test config, in front of the fake upstream."""
     return await start_gateway()
+
+
+@pytest_asyncio.fixture
+async def proxy_process(
+    pg_dsn: str, db: asyncpg.Pool, upstream_server: TestServer, tmp_path: Path
+) -> AsyncIterator[GatewayProcess]:
+    """A real `python -m proxy` in front of the fake upstream: the server as it runs in
+    production, with none of TestServer's own settings (it forces handler_cancellation on).
+    """
+    settings = {
+        "LLAMA_PROXY_HOST": "127.0.0.1",
+        "LLAMA_PROXY_PORT": str(free_port()),
+        "LLAMA_PROXY_BACKEND_URL": str(upstream_server.make_url("")).rstrip("/"),
+        "LLAMA_API_KEY": BACKEND_KEY,
+        "POSTGRES_AUTH_DSN": pg_dsn,
+        "LLAMA_PROXY_SPOOL_PATH": str(tmp_path / "requests.spool"),
+        "LLAMA_PROXY_DRAIN_SECONDS": "1",
+    }
+    gateway = await start_gateway_process(settings, tmp_path / "proxy.log")
+    yield gateway
+    gateway.stop()

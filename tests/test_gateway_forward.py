@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
@@ -276,6 +277,34 @@ async def test_client_disconnect_mid_stream_stops_the_backend_and_logs_499(gatew
     )
     assert rows[0]["status_code"] == 499
     assert queue_of(gateway).stats().active == 0
+
+
+@pytest.mark.asyncio
+async def test_client_disconnect_mid_stream_stops_the_backend_behind_python_m_proxy(
+    proxy_process, db, upstream
+):
+    # The same hang-up as above, against the server as production runs it: TestServer
+    # cancels handlers of vanished clients whatever proxy/server.py says, python -m proxy
+    # only because server_options() asks it to.
+    upstream.gate = asyncio.Semaphore(0)
+    key = await add_user(db, "alice")
+    async with aiohttp.ClientSession() as session:
+        response = await session.post(
+            proxy_process.url + "/v1/chat/completions",
+            json=chat(stream=True),
+            headers=bearer(key),
+        )
+        assert response.status == 200
+        request_id = response.headers["X-Request-Id"]
+        upstream.allow(1)
+        await next_event(response)
+        response.close()  # the client goes away; the backend still waits to send chunk 2
+        await wait_until(lambda: upstream.cut_short == 1, "the backend to see the disconnect")
+    assert upstream.chunks_sent == 1
+    rows = await wait_until(
+        lambda: log_rows(db, "request_id = $1", request_id), "the request's log row"
+    )
+    assert rows[0]["status_code"] == 499
 
 
 @pytest.mark.asyncio
