@@ -86,6 +86,26 @@ async def test_body_sent_a_byte_a_second_gets_408_while_others_are_served(
 
 
 @pytest.mark.asyncio
+async def test_keyless_body_sent_a_byte_a_second_gets_401_at_once_not_408(
+    hostile_gateway, alice_key, upstream, assert_serves, chats_seen
+):
+    # The key is checked before the body is read: a keyless slowloris is refused while its
+    # body still trickles in, instead of holding a connection until the client timeout.
+    headers = [("Content-Length", "1000")]
+    reader, writer = await connect(hostile_gateway)
+    writer.write(request_bytes("POST", CHAT, headers, framing="none"))
+    slowloris = asyncio.create_task(trickle(writer, json.dumps(chat(pad="x" * 900)).encode()))
+    answer = await asyncio.wait_for(read_answer(reader), DEADLINE)
+    assert not slowloris.done()  # answered long before the body could have arrived
+    slowloris.cancel()
+    writer.close()
+    assert answer.status == 401
+    assert answer.error()["code"] == "invalid_api_key"
+    assert chats_seen(upstream) == 0
+    await assert_serves(hostile_gateway, alice_key)
+
+
+@pytest.mark.asyncio
 async def test_request_head_sent_a_byte_a_second_is_cut_off_while_others_are_served(
     hostile_gateway, alice_key, db, assert_serves
 ):

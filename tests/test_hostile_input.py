@@ -238,6 +238,24 @@ async def test_body_over_the_limit_gets_413_before_the_client_finishes(
     await assert_serves(hostile_gateway, alice_key)
 
 
+@pytest.mark.asyncio
+async def test_keyless_request_announcing_a_huge_body_gets_401_not_413(
+    hostile_gateway, alice_key, upstream, assert_serves, chats_seen
+):
+    # Who asks is settled before anything about the body: a caller without a key learns
+    # nothing about the limits, and no body is read for them.
+    headers = [("Content-Length", str(10**9))]
+    reader, writer = await connect(hostile_gateway)
+    writer.write(request_bytes("POST", CHAT, headers, framing="none"))  # no body follows
+    answer = await asyncio.wait_for(read_answer(reader), DEADLINE)
+    writer.close()
+    assert answer.status == 401
+    assert answer.headers["www-authenticate"] == "Bearer"
+    assert answer.error()["code"] == "invalid_api_key"
+    assert chats_seen(upstream) == 0
+    await assert_serves(hostile_gateway, alice_key)
+
+
 NOT_GZIP = {
     "length": ([("Content-Length", "9")], b"not gzip!"),
     "chunked": ([("Transfer-Encoding", "chunked")], b"9\r\nnot gzip!\r\n0\r\n\r\n"),
