@@ -12,6 +12,7 @@ directory, from an existing install, stays where it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -88,15 +89,19 @@ def prepare_place(paths: Paths, place: ClusterPlace) -> None:
     if place.home is None:
         return
     user = resolve_db_user()
-    if not place.home.parent.exists():
-        # 0755 whatever the umask: the server's user must traverse it to reach its home.
+    try:
         place.home.parent.mkdir(parents=True)
+    except FileExistsError:
+        pass
+    else:
+        # 0755 whatever the umask: the server's user must traverse it to reach its home.
         place.home.parent.chmod(0o755)
     place.home.mkdir(mode=0o700, exist_ok=True)
     place.home.chmod(0o700)
     (place.home / OWNER_FILE).write_text(f"{paths.root}\n")
     os.chown(place.home, user.uid, user.gid)
     link = paths.pgdata_dir
-    if not link.is_symlink():
-        link.parent.mkdir(parents=True, exist_ok=True)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    # The admin CLI's --bootstrap takes no console lock, so it may race a start here.
+    with contextlib.suppress(FileExistsError):
         link.symlink_to(place.data_dir)
