@@ -11,7 +11,7 @@ install_stamp="$repo_dir/runtime/.venv/.llamagate-installed"
 if [[ ! -x "$venv_python" || "$(cat "$install_stamp" 2>/dev/null)" != "$(sha256sum "$repo_dir/pyproject.toml" | cut -d' ' -f1)" ]]; then
     # flock: overlapping cron runs must not build the venv twice at once; the installer
     # skips what the first run finished.
-    flock "$repo_dir/runtime/.install.lock" "$repo_dir/runtime/install.sh" >&2
+    flock "$repo_dir/runtime/.install.lock" "$repo_dir/runtime/install.sh" --unless-failed-recently >&2
 fi
 
 cd "$repo_dir"

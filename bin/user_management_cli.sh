@@ -12,7 +12,7 @@ install_stamp="$repo_dir/runtime/.venv/.llamagate-installed"
 # As in console.sh: install on first use, or when pyproject.toml changed. Installer
 # output goes to stderr so that --json and --csv output stays clean.
 if [[ ! -x "$venv_python" || "$(cat "$install_stamp" 2>/dev/null)" != "$(sha256sum "$repo_dir/pyproject.toml" | cut -d' ' -f1)" ]]; then
-    flock "$repo_dir/runtime/.install.lock" "$repo_dir/runtime/install.sh" >&2
+    flock "$repo_dir/runtime/.install.lock" "$repo_dir/runtime/install.sh" --unless-failed-recently >&2
 fi
 
 cd "$repo_dir"

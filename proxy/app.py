@@ -112,6 +112,7 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         config.backend_wait_seconds,
         config.restart_flag,
         on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
+        restart_flag_max_age=config.restart_flag_max_age_seconds,
     )
     yield
     await session.close()

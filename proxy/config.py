@@ -219,6 +219,10 @@ BACKEND_URL_KEY = "LLAMA_PROXY_BACKEND_URL"
 BACKEND_KEY_KEY = "LLAMA_API_KEY"
 SPOOL_KEY = "LLAMA_PROXY_SPOOL_PATH"
 RESTART_FLAG_KEY = "LLAMA_PROXY_RESTART_FLAG"
+RESTART_FLAG_MAX_AGE_KEY = "LLAMA_PROXY_RESTART_FLAG_MAX_AGE"
+# Without the console's figure: its default start timeout (120 s), stop grace (10 s), the
+# SIGKILL wait (5 s) and a margin. A console killed mid-restart leaves its flag behind.
+DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS = 165.0
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,7 @@ class ProxyConfig:
     auth_outage_grace_seconds: float
     metrics_token: str
     client_timeout_seconds: float = 30.0
+    restart_flag_max_age_seconds: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 
 
 def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:
@@ -305,6 +310,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
         dsn=dsn,
         spool_path=Path(environ.get(SPOOL_KEY, "llama_requests.spool")),
         restart_flag=Path(flag) if flag else None,
+        restart_flag_max_age_seconds=_restart_flag_max_age(environ),
         rate_limit=values["LLAMA_PROXY_RATE_LIMIT"],
         rate_window_seconds=values["LLAMA_PROXY_RATE_WINDOW_SECONDS"],
         max_body_bytes=values["LLAMA_PROXY_MAX_BODY_BYTES"],
@@ -319,3 +325,14 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
         metrics_token=values["LLAMA_PROXY_METRICS_TOKEN"],
         client_timeout_seconds=values["LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"],
     )
+
+
+def _restart_flag_max_age(environ: Mapping[str, str]) -> float:
+    raw = environ.get(RESTART_FLAG_MAX_AGE_KEY, str(DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS))
+    try:
+        return parse_positive_float(raw)
+    except ValueError as error:
+        raise ProxyConfigError(
+            f"invalid {RESTART_FLAG_MAX_AGE_KEY}={raw!r} from the environment: {error}; "
+            f"the console sets it, so unset it"
+        ) from None

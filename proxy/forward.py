@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 from proxy.errors import GatewayError, bad_gateway, error_body, unavailable
 from proxy.requestlog import RequestRecord
 
@@ -102,6 +103,7 @@ class Forwarder:
         wait_seconds: float,
         restart_flag: Path | None,
         on_restart_wait: Callable[[], None] = lambda: None,
+        restart_flag_max_age: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS,
     ) -> None:
         self.session = session
         self.backend_url = backend_url
@@ -109,10 +111,35 @@ class Forwarder:
         self.wait_seconds = wait_seconds
         self.restart_flag = restart_flag
         self.on_restart_wait = on_restart_wait
+        self.restart_flag_max_age = restart_flag_max_age
+        self._ignored_flag_mtime: float | None = None
 
     def is_restarting(self) -> bool:
-        """True while the console restarts the backend (it keeps a flag file meanwhile)."""
-        return self.restart_flag is not None and self.restart_flag.exists()
+        """True while the console restarts the backend (it keeps a flag file meanwhile).
+
+        A flag older than any restart takes was left by a console killed mid-restart;
+        honouring it would turn every 502 into a wait and a 503, so it is ignored.
+        """
+        if self.restart_flag is None:
+            return False
+        try:
+            mtime = self.restart_flag.stat().st_mtime
+        except OSError:
+            return False
+        age = time.time() - mtime
+        if age <= self.restart_flag_max_age:
+            return True
+        if self._ignored_flag_mtime != mtime:
+            self._ignored_flag_mtime = mtime
+            log.warning(
+                "ignoring the restart flag %s: it is %.0fs old, longer than a restart takes "
+                "(%.0fs), so a console was probably killed mid-restart; the next start or "
+                "restart removes it",
+                self.restart_flag,
+                age,
+                self.restart_flag_max_age,
+            )
+        return False
 
     async def forward(
         self, request: web.Request, route: str, body: bytes, record: RequestRecord

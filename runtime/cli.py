@@ -29,6 +29,8 @@ from runtime.cli_support import (
 )
 from runtime.lock import console_lock
 from runtime.modelfiles import ModelError
+from runtime.pgcluster import ClusterError
+from runtime.pglocation import find_place
 from runtime.settings import ConfigError, Paths, Settings, paths_from_env
 from runtime.supervisor import SERVING, STOPPED, BackendSupervisor, ComponentStatus
 
@@ -228,7 +230,7 @@ def describe_status(name: str, status: ComponentStatus) -> str:
 )
 @click.pass_obj
 def logs(paths: Paths, component: str, follow: bool, lines: int) -> None:
-    """Show the end of a log in runtime/logs/.
+    """Show the end of a log in runtime/logs/ (db: wherever the private cluster lives).
 
     \b
     Example:
@@ -238,6 +240,11 @@ def logs(paths: Paths, component: str, follow: bool, lines: int) -> None:
         ./console.sh logs db         # the private PostgreSQL
     """
     log = paths.logs_dir / f"{component}.log"
+    if component == "db":
+        try:
+            log = find_place(paths).log_path
+        except ClusterError as error:
+            raise ConsoleError(str(error)) from None
     if not log.is_file():
         raise ConsoleError(f"no log yet at {log}; it appears once ./console.sh start has run")
     argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(log)]

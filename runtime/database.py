@@ -1,7 +1,9 @@
 """The gateway's PostgreSQL, seen from the console: the private cluster or the operator's own.
 
 With no POSTGRES_AUTH_* set, the console owns a private cluster in runtime/pgdata that
-listens only on a socket in runtime/run/pg and starts and stops with the rest. With
+listens only on a socket in runtime/run/pg and starts and stops with the rest (or, when
+a root console's server user cannot reach the checkout, in a directory of its own under
+/var/lib/llamagate: see runtime/pglocation.py). With
 POSTGRES_AUTH_DSN (or the POSTGRES_AUTH_* parts) the operator's server is used and the
 console manages nothing: it only checks that it answers.
 """
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from proxy import store
 from proxy.config import redact_dsn
 from runtime.pgcluster import ClusterError, LocalCluster
+from runtime.pglocation import ClusterPlace, find_place, prepare_place
 from runtime.settings import Settings
 from runtime.supervisor import DEGRADED, SERVING, STOPPED, ComponentStatus
 
@@ -37,9 +40,13 @@ class Database:
         """True when the console owns the private cluster."""
         return not self.external_dsn
 
+    def place(self) -> ClusterPlace:
+        """Where the private cluster's files are, or will be created."""
+        return find_place(self.settings.paths)
+
     def cluster(self) -> LocalCluster:
-        paths = self.settings.paths
-        return LocalCluster(paths.pgdata_dir, paths.db_socket_dir, paths.logs_dir / "db.log")
+        place = self.place()
+        return LocalCluster(place.data_dir, place.socket_dir, place.log_path)
 
     def dsn(self) -> str:
         if not self.is_managed:
@@ -52,6 +59,13 @@ class Database:
             self._check_reachable(self.external_dsn)
             return self.external_dsn
         try:
+            place = self.place()
+            if place.is_out_of_tree and not place.data_dir.exists():
+                self.echo(
+                    f"PostgreSQL's user cannot reach {self.settings.paths.root}, so the "
+                    f"private cluster lives in {place.home} (linked from runtime/pgdata)"
+                )
+            prepare_place(self.settings.paths, place)
             return self.cluster().ensure_running(DATABASE_NAME, echo=self.echo)
         except ClusterError as error:
             raise DatabaseError(str(error)) from None
@@ -71,7 +85,7 @@ class Database:
                 cluster = self.cluster()
             except ClusterError as error:
                 return ComponentStatus(STOPPED, "private cluster", detail=str(error))
-            url = f"private cluster, socket {cluster.socket_dir}"
+            url = f"private cluster in {cluster.data_dir}, socket {cluster.socket_dir}"
             return ComponentStatus(SERVING if cluster.is_running() else STOPPED, url)
         url = redact_dsn(self.external_dsn)
         try:

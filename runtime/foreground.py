@@ -157,6 +157,8 @@ class ForegroundSupervisor:
 
 def stop_foreground(record: PidRecord, settings: Settings, echo: Callable[[str], None]) -> bool:
     """Ask a foreground supervisor to stop; False if it is still running after the wait."""
+    if not is_alive(record):
+        return True  # a stale record: its pid may belong to someone else now, never signal it
     echo(f"stopping the foreground supervisor (pid {record.pid})")
     os.kill(record.pid, signal.SIGTERM)
     deadline = time.monotonic() + settings["LLAMA_STOP_GRACE_SECONDS"] + 10

@@ -15,6 +15,7 @@ from proxy.config import (
     BACKEND_URL_KEY,
     GATEWAY_KEYS,
     RESTART_FLAG_KEY,
+    RESTART_FLAG_MAX_AGE_KEY,
     SPOOL_KEY,
 )
 from runtime.backend import PASSED_NAMES, answers_http
@@ -24,6 +25,9 @@ from runtime.supervisor import ProcessSupervisor
 GATEWAY_MODULE = "proxy"
 HEALTH_PATH = "/healthz"
 FLUSH_MARGIN_SECONDS = 5.0
+# Beyond the stop grace and the start timeout, a restart spends up to 5 s on SIGKILL and
+# up to 30 s starting the private PostgreSQL while it holds the restart flag.
+RESTART_FLAG_MARGIN_SECONDS = 35.0
 
 
 class GatewaySupervisor(ProcessSupervisor):
@@ -78,6 +82,7 @@ class GatewaySupervisor(ProcessSupervisor):
                 "POSTGRES_AUTH_DSN": self.dsn,
                 SPOOL_KEY: str(paths.spool_path),
                 RESTART_FLAG_KEY: str(paths.restart_flag),
+                RESTART_FLAG_MAX_AGE_KEY: str(restart_flag_max_age(settings)),
                 # The gateway's code lives in the checkout, wherever the state root is.
                 "PYTHONPATH": str(CODE_DIR),
                 "PYTHONUNBUFFERED": "1",
@@ -93,3 +98,9 @@ class GatewaySupervisor(ProcessSupervisor):
             if line.startswith("gateway: error: "):
                 return line.removeprefix("gateway: error: ")
         return "the gateway exited during start-up; the end of its log follows"
+
+
+def restart_flag_max_age(settings: Settings) -> float:
+    """How long the gateway honours the restart flag: the longest a restart keeps it."""
+    grace, timeout = settings["LLAMA_STOP_GRACE_SECONDS"], settings["LLAMA_START_TIMEOUT_SECONDS"]
+    return grace + timeout + RESTART_FLAG_MARGIN_SECONDS

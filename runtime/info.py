@@ -6,6 +6,8 @@ import platform
 from importlib import metadata
 
 from proxy.config import redact_dsn
+from runtime.pgcluster import ClusterError
+from runtime.pglocation import find_place
 from runtime.service import component_statuses
 from runtime.settings import KEYS, ConfigError, Paths, Settings, load_settings
 
@@ -66,7 +68,18 @@ def _paths_section(paths: Paths) -> str:
     lines = ["paths:"]
     for label, path in rows.items():
         lines.append(f"  {label:<12} {path}{'' if path.exists() else '  (missing)'}")
-    return "\n".join(lines)
+    return "\n".join([*lines, _pgdata_line(paths)])
+
+
+def _pgdata_line(paths: Paths) -> str:
+    """Where the private cluster's data lives, which is outside the checkout for some roots."""
+    try:
+        place = find_place(paths)
+    except ClusterError as error:
+        return f"  {'pgdata':<12} unknown: {error}"
+    where = f" (outside the checkout: {place.home})" if place.is_out_of_tree else ""
+    missing = "" if place.data_dir.exists() else "  (missing)"
+    return f"  {'pgdata':<12} {place.data_dir}{missing}{where}"
 
 
 def _versions_section() -> str:

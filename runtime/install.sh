@@ -7,8 +7,35 @@ repo_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv_dir="$repo_dir/runtime/.venv"
 install_stamp="$venv_dir/.llamagate-installed"
 
+# A failed install leaves this marker (its reason inside). console.sh passes
+# --unless-failed-recently, so that the cron runs queued behind the install lock fail
+# fast with that reason instead of each repeating a long failing install.
+failure_marker="$repo_dir/runtime/.install.failed"
+failure_quiet_seconds=600
+failure_reason=""
+
 say() { printf 'install: %s\n' "$*"; }
-die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
+die() { failure_reason="$*"; printf 'install: error: %s\n' "$*" >&2; exit 1; }
+
+record_outcome() {
+    local status=$1
+    if (( status == 0 )); then
+        rm -f "$failure_marker"
+    else
+        printf '%s\n' "${failure_reason:-the installer exited with code $status (its output says why)}" > "$failure_marker"
+    fi
+}
+
+# A person at a terminal retries at once; cron, which has none, waits out the quiet time.
+skip_if_failed_recently() {
+    [[ -f "$failure_marker" && ! -t 0 ]] || return 0
+    local age=$(( $(date +%s) - $(stat -c %Y "$failure_marker") ))
+    (( age < failure_quiet_seconds )) || return 0
+    printf 'install: error: the install failed %ss ago: %s\n' "$age" "$(cat "$failure_marker")" >&2
+    printf 'install: runs from console.sh skip the install for %ss after a failure, so that queued cron runs do not pile up; fix the cause, then retry now with: %s\n' \
+        "$failure_quiet_seconds" "$repo_dir/runtime/install.sh" >&2
+    exit 1
+}
 
 check_python() {
     command -v python3 >/dev/null || die "python3 not found; install Python 3.11 or newer (Debian: apt-get install python3 python3-venv)"
@@ -121,6 +148,8 @@ bootstrap_state() {
 }
 
 main() {
+    [[ "${1:-}" == "--unless-failed-recently" ]] && skip_if_failed_recently
+    trap 'record_outcome $?' EXIT
     check_python
     ensure_postgres
     ensure_wrk

@@ -90,7 +90,7 @@ def resolve_db_user(system_user: str = DB_SYSTEM_USER) -> DbUser:
     return DbUser(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
 
 
-def _can_enter(directory: Path, user: DbUser) -> bool:
+def can_enter(directory: Path, user: DbUser) -> bool:
     """Whether user may traverse directory, by its mode bits (ACLs are not consulted)."""
     if user.uid == 0:
         return True
@@ -269,7 +269,7 @@ class LocalCluster:
         for parent in [*reversed(directory.parents), directory]:
             if not parent.exists():
                 break
-            if not _can_enter(parent, self.db_user):
+            if not can_enter(parent, self.db_user):
                 raise ClusterError(
                     f"PostgreSQL runs as '{self.db_user.name}', which cannot enter {parent}; "
                     f"allow it with `chmod o+x {parent}`, or move the checkout somewhere it can"

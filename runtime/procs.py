@@ -1,4 +1,11 @@
-"""Process bookkeeping: pid files checked against the command line, and group signals."""
+"""Process bookkeeping: pid files checked against the command line and start time, and
+group signals.
+
+A pid is trusted only if the process behind it is the one that was recorded: its command
+line contains the marker and it started when the record says. The start time matters
+because the kernel reuses pids, and a container restarted with the same pid 1 (or any
+process that got a recycled pid) runs the same command line.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,12 @@ import json
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+# A record written before start_ticks existed holds only its wall-clock started_at, which
+# is written just after the process starts. btime is whole seconds, hence the margin.
+LEGACY_START_MARGIN_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -19,10 +30,14 @@ class PidRecord:
     marker: str
     started_at: float
     details: dict = field(default_factory=dict)
+    # The process's start time in clock ticks since boot (/proc/PID/stat, field 22).
+    start_ticks: int | None = None
 
 
 def write_pidfile(path: Path, record: PidRecord) -> None:
-    """Write atomically, so a crash never leaves half a pid file."""
+    """Write atomically, so a crash never leaves half a pid file; add the start time."""
+    if record.start_ticks is None:
+        record = replace(record, start_ticks=process_start_ticks(record.pid))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".tmp")
     partial.write_text(json.dumps(asdict(record)))
@@ -42,16 +57,45 @@ def remove_pidfile(path: Path) -> None:
 
 
 def is_alive(record: PidRecord) -> bool:
-    """True if the pid runs, is not a zombie, and is still the program we started.
+    """True if the pid runs, is not a zombie, and is still the process we started.
 
-    The command-line check matters because the kernel reuses pids.
+    The command-line and start-time checks matter because the kernel reuses pids.
     """
     try:
         cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        state = Path(f"/proc/{record.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        fields = _stat_fields(record.pid)
+        start_ticks = int(fields[19])
+        if record.start_ticks is None:
+            boot_time = _boot_time()
+    except (OSError, IndexError, ValueError):
         return False
-    return state != "Z" and record.marker.encode() in cmdline
+    if fields[0] == "Z" or record.marker.encode() not in cmdline:
+        return False
+    if record.start_ticks is not None:
+        return start_ticks == record.start_ticks
+    # A process that started after the record was written cannot be the one it names.
+    started = boot_time + start_ticks / os.sysconf("SC_CLK_TCK")
+    return started <= record.started_at + LEGACY_START_MARGIN_SECONDS
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When pid started, in clock ticks since boot; None if it is gone."""
+    try:
+        return int(_stat_fields(pid)[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat from field 3 (state) on; the name before it may hold spaces and ')'."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _boot_time() -> float:
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise OSError("no btime line in /proc/stat")
 
 
 def group_exists(pgid: int) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 from pathlib import Path
 
 import aiohttp
@@ -395,6 +397,33 @@ async def test_request_during_a_restart_gets_503_when_the_backend_stays_away(
     body = await response.json()
     assert_openai_error(body, "server_error")
     assert body["error"]["code"] == "backend_restarting"
+
+
+@pytest.mark.asyncio
+async def test_a_restart_flag_older_than_any_restart_is_ignored_and_logged_once(
+    start_gateway, db, tmp_path, caplog
+):
+    # Left by a console killed mid-restart: the backend is plainly down, not restarting.
+    flag = tmp_path / "restarting"
+    flag.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(flag, (an_hour_ago, an_hour_ago))
+    gateway = await start_gateway(
+        backend_url=f"http://127.0.0.1:{free_port()}",
+        restart_flag=flag,
+        backend_wait_seconds=DEADLINE * 2,
+        restart_flag_max_age_seconds=600,
+    )
+    key = await add_user(db, "alice")
+    for _ in range(2):
+        response = await asyncio.wait_for(
+            gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key)), DEADLINE
+        )
+        assert response.status == 502
+    ready = await (await gateway.get("/readyz")).json()
+    assert ready["backend"].startswith("unreachable")
+    ignored = [r for r in caplog.records if "ignoring the restart flag" in r.getMessage()]
+    assert len(ignored) == 1
 
 
 # --- the fair queue in front of the backend ----------------------------------------------

@@ -20,6 +20,10 @@ import openai
 import pytest
 from conftest import TEST_API_KEY, wait_for
 
+from proxy.config import load_config
+from runtime.gateway import GatewaySupervisor
+from runtime.settings import Paths, load_settings
+
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
@@ -199,3 +203,15 @@ def test_an_unreachable_database_is_named_without_its_password(gateway_home):
     assert "gate:***@127.0.0.1:1" in result.stderr
     assert "sekrit" not in result.stdout + result.stderr
     assert gateway_home.backend_pids() == []
+
+
+def test_the_gateway_honours_the_restart_flag_as_long_as_a_restart_can_take(tmp_path):
+    environ = {
+        "LLAMA_STOP_GRACE_SECONDS": "7",
+        "LLAMA_START_TIMEOUT_SECONDS": "600",
+        "LLAMA_API_KEY": TEST_API_KEY,
+    }
+    settings = load_settings(Paths(tmp_path), environ=environ)
+    gateway = GatewaySupervisor(settings, dsn="postgresql://u@/db?host=/tmp", environ=environ)
+    config = load_config(gateway.environment())
+    assert config.restart_flag_max_age_seconds == 7 + 600 + 35
