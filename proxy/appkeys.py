@@ -8,6 +8,7 @@ from aiohttp import web
 from proxy.auth import Authenticator
 from proxy.config import ProxyConfig
 from proxy.forward import Forwarder
+from proxy.inflight import InFlight, InFlightRequests
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
@@ -22,6 +23,10 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 LIMITER = web.AppKey("limiter", SharedLimiter)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 MODELS_CACHE = web.AppKey("models_cache", dict)
+INFLIGHT = web.AppKey("inflight", InFlightRequests)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)
+INFLIGHT_ENTRY = web.RequestKey("inflight_entry", InFlight)
+# The auth cache's generation when the request was authenticated (see proxy/recheck.py).
+AUTH_GENERATION = web.RequestKey("auth_generation", int)

@@ -63,6 +63,16 @@ def parse_positive_float(value: str) -> float:
     return number
 
 
+def parse_non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be 0 (fail closed) or a finite number of seconds")
+    return number
+
+
 def parse_port(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 65535:
         raise ValueError("must be a port number from 1 to 65535")
@@ -191,9 +201,10 @@ GATEWAY_KEYS: tuple[Key, ...] = (
     ),
     Key(
         "LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS",
-        "300",
-        parse_positive_float,
-        "while PostgreSQL is unreachable, keys checked within this many seconds keep working",
+        "30",
+        parse_non_negative_float,
+        "while PostgreSQL is unreachable, keys known valid within this many seconds keep "
+        "working; 0 fails closed (every request gets 503 until the database answers)",
         GATEWAY,
     ),
     Key(

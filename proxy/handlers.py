@@ -19,7 +19,9 @@ from proxy import appkeys, store
 from proxy.auth import Identity, extract_key
 from proxy.errors import GatewayError, error_response, not_found, unavailable
 from proxy.forward import CLIENT_GONE
+from proxy.inflight import run_unless_ended
 from proxy.queue import QueueFull, QueueRejected
+from proxy.recheck import end_in_flight, recheck_at_grant
 from proxy.requestlog import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,9 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
 
 
 async def authenticate(request: web.Request) -> Identity:
-    identity = await request.app[appkeys.AUTHENTICATOR].authenticate(extract_key(request.headers))
+    authenticator = request.app[appkeys.AUTHENTICATOR]
+    request[appkeys.AUTH_GENERATION] = authenticator.cache.generation
+    identity = await authenticator.authenticate(extract_key(request.headers))
     record = request[appkeys.RECORD]
     record.username, record.key_id = identity.username, identity.key_id
     return identity
@@ -190,11 +194,16 @@ async def forward_in_turn(
 ) -> web.StreamResponse:
     record = request[appkeys.RECORD]
     route = request.match_info.route.resource.canonical
+    inflight = request.app[appkeys.INFLIGHT]
+    entry = request[appkeys.INFLIGHT_ENTRY] = inflight.add(identity.key_id, identity.username)
     try:
         async with request.app[appkeys.QUEUE].slot(identity.username) as waited:
             record.queue_ms = waited * 1000
             request.app[appkeys.METRICS].queue_wait.observe(waited)
-            return await request.app[appkeys.FORWARDER].forward(request, route, body, record)
+            await recheck_at_grant(request, identity, entry)
+            relay = request.app[appkeys.FORWARDER].forward(request, route, body, record)
+            response = await run_unless_ended(entry, relay)
+            return response if response is not None else await end_in_flight(entry, record)
     except QueueRejected as rejected:
         raise GatewayError(
             rejected.status,
@@ -203,6 +212,8 @@ async def forward_in_turn(
             "queue_full" if isinstance(rejected, QueueFull) else "queue_timeout",
             retry_after=rejected.retry_after,
         ) from None
+    finally:
+        inflight.remove(entry)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
