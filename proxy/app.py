@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy import appkeys, handlers, store
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
+from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
 from proxy.inflight import InFlightRequests
@@ -46,6 +47,7 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.QUEUE] = queue
     app[appkeys.METRICS] = Metrics(queue.stats)
     app[appkeys.INFLIGHT] = InFlightRequests()
+    app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
     app.cleanup_ctx.extend([database, request_log, auth, backend_session])
     app.on_response_prepare.append(handlers.add_gateway_headers)
     app.on_response_prepare.append(note_response)

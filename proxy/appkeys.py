@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from proxy.auth import Authenticator
+from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
 from proxy.forward import Forwarder
 from proxy.inflight import InFlight, InFlightRequests
@@ -24,6 +25,7 @@ LIMITER = web.AppKey("limiter", SharedLimiter)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 MODELS_CACHE = web.AppKey("models_cache", dict)
 INFLIGHT = web.AppKey("inflight", InFlightRequests)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)

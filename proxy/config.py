@@ -46,6 +46,13 @@ def parse_optional_int(value: str) -> int | None:
     return None if value == "" else parse_whole_number(value)
 
 
+def parse_non_negative_int(value: str) -> int:
+    number = parse_whole_number(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def parse_positive_int(value: str) -> int:
     number = parse_whole_number(value)
     if number < 1:
@@ -208,6 +215,14 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         GATEWAY,
     ),
     Key(
+        "LLAMA_PROXY_AUTH_FAILURES_PER_MINUTE",
+        "60",
+        parse_non_negative_int,
+        "refused keys (401) one client address may cause per minute, in a burst or spread "
+        "out; past it the address gets 429, except for keys the gateway knows valid (0: off)",
+        GATEWAY,
+    ),
+    Key(
         "LLAMA_PROXY_METRICS_TOKEN",
         "",
         parse_text,
@@ -256,6 +271,7 @@ class ProxyConfig:
     auth_outage_grace_seconds: float
     metrics_token: str
     client_timeout_seconds: float = 30.0
+    auth_failures_per_minute: int = 60
 
 
 def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:
@@ -329,4 +345,5 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
         auth_outage_grace_seconds=values["LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS"],
         metrics_token=values["LLAMA_PROXY_METRICS_TOKEN"],
         client_timeout_seconds=values["LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"],
+        auth_failures_per_minute=values["LLAMA_PROXY_AUTH_FAILURES_PER_MINUTE"],
     )

@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
 import uuid
 from datetime import UTC, datetime
@@ -114,11 +115,36 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
 
 async def authenticate(request: web.Request) -> Identity:
     authenticator = request.app[appkeys.AUTHENTICATOR]
+    failures = request.app[appkeys.AUTH_FAILURES]
+    address = request.remote or "unknown"
+    retry_after = failures.retry_after(address)
+    if retry_after is not None and not _carries_cached_valid_key(request):
+        raise GatewayError(
+            429,
+            f"too many requests with a missing or invalid API key from {address}; "
+            f"retry after {math.ceil(retry_after)}s",
+            "rate_limit_exceeded",
+            "too_many_auth_failures",
+            retry_after=retry_after,
+        )
     request[appkeys.AUTH_GENERATION] = authenticator.cache.generation
-    identity = await authenticator.authenticate(extract_key(request.headers))
+    try:
+        identity = await authenticator.authenticate(extract_key(request.headers))
+    except GatewayError as error:
+        if error.status == 401:
+            failures.note_failure(address)
+        raise
     record = request[appkeys.RECORD]
     record.username, record.key_id = identity.username, identity.key_id
     return identity
+
+
+def _carries_cached_valid_key(request: web.Request) -> bool:
+    try:
+        secret_key = extract_key(request.headers)
+    except GatewayError:
+        return False
+    return request.app[appkeys.AUTHENTICATOR].is_cached_valid(secret_key)
 
 
 async def enforce_rate_limit(request: web.Request, identity: Identity) -> None:
