@@ -24,6 +24,7 @@ from proxy.inflight import InFlightRequests
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import SharedLimiter
+from proxy.readiness import ReadinessCache
 from proxy.recheck import note_response
 from proxy.requestlog import RequestLog, Spool
 from proxy.revocation import RevocationWatch
@@ -48,6 +49,7 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.METRICS] = Metrics(queue.stats)
     app[appkeys.INFLIGHT] = InFlightRequests()
     app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
+    app[appkeys.READINESS] = ReadinessCache(lambda: handlers.check_readiness(app))
     app.cleanup_ctx.extend([database, request_log, auth, backend_session])
     app.on_response_prepare.append(handlers.add_gateway_headers)
     app.on_response_prepare.append(note_response)

@@ -13,6 +13,7 @@ from proxy.inflight import InFlight, InFlightRequests
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
+from proxy.readiness import ReadinessCache
 from proxy.requestlog import RequestLog, RequestRecord
 
 CONFIG = web.AppKey("config", ProxyConfig)
@@ -26,6 +27,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 MODELS_CACHE = web.AppKey("models_cache", dict)
 INFLIGHT = web.AppKey("inflight", InFlightRequests)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
+READINESS = web.AppKey("readiness", ReadinessCache)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)

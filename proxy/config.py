@@ -226,7 +226,8 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         "LLAMA_PROXY_METRICS_TOKEN",
         "",
         parse_text,
-        "bearer token for /metrics from other hosts (empty: /metrics answers loopback only)",
+        "bearer token for /metrics (without it, /metrics answers only loopback callers that "
+        "forward nobody: no Forwarded, X-Forwarded-For or X-Real-IP header)",
         GATEWAY,
     ),
 )

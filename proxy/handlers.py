@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 UNLOGGED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MODELS_CACHE_SECONDS = 60.0
 GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 @web.middleware
@@ -263,11 +264,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: the backend answers, the database answers, the request log can spool."""
     app = request.app
-    checks = {
-        "backend": await _check_backend(app),
-        "database": await _check_database(app),
-        "request_log": app[appkeys.REQUEST_LOG].problem or "ok",
-    }
+    checks = await app[appkeys.READINESS].get()
     is_ready = all(value == "ok" for value in checks.values())
     queue = app[appkeys.QUEUE].stats()
     body = {
@@ -276,6 +273,15 @@ async def readyz(request: web.Request) -> web.Response:
         "queue": {"active": queue.active, "waiting": queue.waiting},
     }
     return web.json_response(body, status=200 if is_ready else 503)
+
+
+async def check_readiness(app: web.Application) -> dict[str, str]:
+    """The checks behind /readyz, each "ok" or what is wrong (cached by proxy/readiness.py)."""
+    return {
+        "backend": await _check_backend(app),
+        "database": await _check_database(app),
+        "request_log": app[appkeys.REQUEST_LOG].problem or "ok",
+    }
 
 
 async def _check_backend(app: web.Application) -> str:
@@ -303,8 +309,9 @@ async def metrics(request: web.Request) -> web.Response:
     if not _may_read_metrics(request):
         raise GatewayError(
             403,
-            "/metrics answers loopback callers, or 'Authorization: Bearer' with "
-            "LLAMA_PROXY_METRICS_TOKEN",
+            "/metrics answers loopback callers that are not forwarding someone else's request "
+            "(no Forwarded, X-Forwarded-For or X-Real-IP header), or 'Authorization: Bearer' "
+            "with LLAMA_PROXY_METRICS_TOKEN",
             code="forbidden",
         )
     body = request.app[appkeys.METRICS].render()
@@ -316,6 +323,9 @@ def _may_read_metrics(request: web.Request) -> bool:
     offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if token and hmac.compare_digest(offered.encode(), token.encode()):
         return True
+    if any(header in request.headers for header in FORWARDING_HEADERS):
+        # A reverse proxy on this host connects from loopback on behalf of anyone.
+        return False
     try:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:
