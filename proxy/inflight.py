@@ -71,7 +71,9 @@ class InFlightRequests:
         return len(entries)
 
 
-async def run_unless_ended(entry: InFlight, relay: Coroutine[Any, Any, web.StreamResponse]):
+async def run_unless_ended(
+    entry: InFlight, relay: Coroutine[Any, Any, web.StreamResponse]
+) -> web.StreamResponse | None:
     """Run the relay in a task of its own that `end` can cancel; its answer, or None if ended.
 
     A task of its own, because cancelling the request's handler task would look like the

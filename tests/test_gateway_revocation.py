@@ -90,6 +90,27 @@ async def _rows_if_all(rows, count: int):
 
 
 @pytest.mark.asyncio
+async def test_a_whole_answer_still_being_generated_becomes_a_401(gateway, db, pg_dsn, upstream):
+    upstream.gate = asyncio.Semaphore(0)  # the backend holds its whole answer back
+    key = await add_user(db, "alice")
+    await listening(gateway)
+    asked = asyncio.create_task(
+        gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    )
+    await wait_until(lambda: len(upstream.seen) == 1, "the request at the backend")
+    await change(pg_dsn, "key_revoked", key)
+    response = await asyncio.wait_for(asked, 1.0)
+    body = await response.json()
+    assert response.status == 401 and response.headers["WWW-Authenticate"] == "Bearer"
+    assert body["error"]["message"].startswith("key_revoked: ")
+    await wait_until(lambda: gateway.app[appkeys.QUEUE].stats().active == 0, "a free slot")
+    rows = await wait_until(
+        lambda: log_rows(db, "request_id = $1", response.headers["X-Request-Id"]), "the row"
+    )
+    assert rows[0]["status_code"] == 401 and rows[0]["error"].startswith("key_revoked: ")
+
+
+@pytest.mark.asyncio
 async def test_a_queued_request_whose_key_is_revoked_is_refused_at_its_turn(
     gateway, db, pg_dsn, upstream
 ):
