@@ -17,12 +17,17 @@ from aiohttp import web
 
 from proxy import appkeys, handlers, store
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
+from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
+from proxy.inflight import InFlightRequests
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import SharedLimiter
+from proxy.readiness import ReadinessCache
+from proxy.recheck import note_response
 from proxy.requestlog import RequestLog, Spool
+from proxy.revocation import RevocationWatch
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +47,12 @@ def make_app(config: ProxyConfig) -> web.Application:
     )
     app[appkeys.QUEUE] = queue
     app[appkeys.METRICS] = Metrics(queue.stats)
+    app[appkeys.INFLIGHT] = InFlightRequests()
+    app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
+    app[appkeys.READINESS] = ReadinessCache(lambda: handlers.check_readiness(app))
     app.cleanup_ctx.extend([database, request_log, auth, backend_session])
     app.on_response_prepare.append(handlers.add_gateway_headers)
+    app.on_response_prepare.append(note_response)
     add_routes(app)
     return app
 
@@ -86,11 +95,13 @@ async def auth(app: web.Application) -> AsyncIterator[None]:
     app[appkeys.LIMITER] = SharedLimiter(
         lambda *batch: store.take_rate_slots(pool, *batch), config.rate_window_seconds
     )
-    listener = asyncio.create_task(listen_for_changes(config.dsn, cache))
+    watch = RevocationWatch(pool, app[appkeys.INFLIGHT])
+    listener = asyncio.create_task(listen_for_changes(config.dsn, cache, watch.changed))
     yield
     listener.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await listener
+    await watch.close()
 
 
 async def backend_session(app: web.Application) -> AsyncIterator[None]:

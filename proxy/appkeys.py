@@ -6,11 +6,14 @@ import asyncpg
 from aiohttp import web
 
 from proxy.auth import Authenticator
+from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
 from proxy.forward import Forwarder
+from proxy.inflight import InFlight, InFlightRequests
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
+from proxy.readiness import ReadinessCache
 from proxy.requestlog import RequestLog, RequestRecord
 
 CONFIG = web.AppKey("config", ProxyConfig)
@@ -22,6 +25,12 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 LIMITER = web.AppKey("limiter", SharedLimiter)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 MODELS_CACHE = web.AppKey("models_cache", dict)
+INFLIGHT = web.AppKey("inflight", InFlightRequests)
+AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
+READINESS = web.AppKey("readiness", ReadinessCache)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)
+INFLIGHT_ENTRY = web.RequestKey("inflight_entry", InFlight)
+# The auth cache's generation when the request was authenticated (see proxy/recheck.py).
+AUTH_GENERATION = web.RequestKey("auth_generation", int)

@@ -4,8 +4,13 @@ The cache makes the hot path free of database round trips. It stays correct beca
 PostgreSQL notifies every gateway (LISTEN/NOTIFY, sent by triggers) when users or keys
 change, and the cache is then emptied; revocation reaches all gateways within about a
 notification's latency. While the notification connection is down, every request goes
-to the database, and if the database itself is unreachable, keys that were verified
-within LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS keep working; everything else gets 503.
+to the database, and if the database itself is unreachable, keys whose valid verdict was
+known to be current within LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS keep working (0: none);
+everything else gets 503.
+
+The cache holds two bounded LRU maps: known keys, and digests the database did not know.
+Made-up keys therefore never push a valid user's entry out, and a made-up key sent again
+and again costs one lookup, not one per request.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
@@ -27,9 +33,15 @@ from proxy.migrations import AUTH_CHANNEL
 log = logging.getLogger(__name__)
 
 MAX_CACHED_KEYS = 100_000
+# Unknown digests are cheap to forget and an attacker makes up as many as they like.
+MAX_CACHED_UNKNOWN = 10_000
 # A safety net: even with notifications flowing, re-check a key this often.
 CACHE_TTL_SECONDS = 300.0
+# A new key clears the cache by notification anyway; this only bounds a missed one.
+UNKNOWN_TTL_SECONDS = 30.0
 LISTENER_RETRY_SECONDS = 1.0
+# How often the listener probes its connection; a silent loss is noticed within twice this.
+PROBE_SECONDS = 2.0
 HOW_TO_SEND = "send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
 
@@ -40,6 +52,7 @@ class Identity:
     username: str
     key_id: str
     rate_limit: int | None
+    digest: bytes = field(default=b"", repr=False)  # to re-check the key later, cheaply
 
 
 def extract_key(headers: Mapping[str, str]) -> str:
@@ -67,40 +80,78 @@ class CacheEntry:
 class AuthCache:
     """Key digest -> what the database said, and when. Emptied on every notification."""
 
-    def __init__(self, max_entries: int = MAX_CACHED_KEYS) -> None:
-        self.entries: dict[bytes, CacheEntry] = {}
+    def __init__(
+        self, max_entries: int = MAX_CACHED_KEYS, max_unknown: int = MAX_CACHED_UNKNOWN
+    ) -> None:
+        self.entries: OrderedDict[bytes, CacheEntry] = OrderedDict()
+        self.unknown: OrderedDict[bytes, float] = OrderedDict()  # digest -> checked_at
         self.max_entries = max_entries
+        self.max_unknown = max_unknown
         # Bumped by clear(), so a lookup that raced with a change is not cached stale.
         self.generation = 0
         self.is_listening = False
+        # When the listener last confirmed its connection: every cached verdict was
+        # current then, since any change since would have emptied the cache first.
+        self.confirmed_at = float("-inf")
 
     def get(self, digest: bytes) -> CacheEntry | None:
-        return self.entries.get(digest)
+        entry = self.entries.get(digest)
+        if entry is not None:
+            self.entries.move_to_end(digest)
+            return entry
+        checked_at = self.unknown.get(digest)
+        return None if checked_at is None else CacheEntry(None, checked_at)
 
     def put(self, digest: bytes, entry: CacheEntry, generation: int) -> None:
         if generation != self.generation:
             return
-        if len(self.entries) >= self.max_entries:
-            # Random keys from an attacker must not grow memory without bound.
-            self.entries.clear()
-        self.entries[digest] = entry
+        if entry.record is None:
+            _put_bounded(self.unknown, digest, entry.checked_at, self.max_unknown)
+        else:
+            _put_bounded(self.entries, digest, entry, self.max_entries)
 
     def clear(self) -> None:
         self.generation += 1
         self.entries.clear()
+        self.unknown.clear()
+
+    def confirm(self, now: float) -> None:
+        """The listener's connection is alive: every cached verdict is current as of now."""
+        self.confirmed_at = now
+
+    def verified_at(self, entry: CacheEntry) -> float:
+        """The latest moment the entry's verdict is known to have been current."""
+        return max(entry.checked_at, self.confirmed_at)
 
 
-def judge(record: store.KeyRecord | None, now: datetime) -> Identity:
-    """The caller behind a key record, or a 401 that says why (never the key itself)."""
+def _put_bounded(lru: OrderedDict, digest: bytes, value: object, max_size: int) -> None:
+    """Insert as most recently used; evict the least recently used past max_size."""
+    lru[digest] = value
+    lru.move_to_end(digest)
+    while len(lru) > max_size:
+        lru.popitem(last=False)
+
+
+def refusal(record: store.KeyRecord | None, now: datetime) -> tuple[str, str] | None:
+    """Why a key record is refused: (reason code, message, never the key), or None."""
     if record is None:
-        raise unauthorized("invalid API key; ask the operator for a key")
+        return "unknown_key", "invalid API key; ask the operator for a key"
     if record.revoked_at is not None:
-        raise unauthorized(f"API key {record.key_id} has been revoked")
+        return "key_revoked", f"API key {record.key_id} has been revoked"
     if record.expires_at is not None and record.expires_at <= now:
-        raise unauthorized(f"API key {record.key_id} has expired")
+        return "key_expired", f"API key {record.key_id} has expired"
     if record.is_disabled:
-        raise unauthorized(f"user {record.username!r} is disabled")
-    return Identity(record.username, record.key_id, record.rate_limit)
+        return "user_disabled", f"user {record.username!r} is disabled"
+    return None
+
+
+def judge(record: store.KeyRecord | None, now: datetime, digest: bytes = b"") -> Identity:
+    """The caller behind a key record, or a 401 that says why (never the key itself)."""
+    refused = refusal(record, now)
+    if refused is not None:
+        raise unauthorized(refused[1])
+    assert record is not None
+    return Identity(record.username, record.key_id, record.rate_limit, digest)
 
 
 class Authenticator:
@@ -119,34 +170,69 @@ class Authenticator:
         self.clock = clock
 
     async def authenticate(self, secret_key: str) -> Identity:
+        """The caller behind a key, or GatewayError 401 (bad key) or 503 (no database)."""
         if not is_plausible_key(secret_key):
             raise unauthorized("invalid API key; ask the operator for a key")
-        digest = digest_key(secret_key)
+        return await self.identify(digest_key(secret_key))
+
+    async def identify(self, digest: bytes) -> Identity:
+        """authenticate() for a key digest."""
+        return judge(await self.lookup(digest), datetime.now(UTC), digest)
+
+    async def lookup(self, digest: bytes) -> store.KeyRecord | None:
+        """What is known of a key: from the cache while it is kept fresh, else the database.
+
+        Without the database, a cached record within the outage grace, else 503.
+        """
         entry = self.cache.get(digest)
         now = self.clock()
-        if entry and self.cache.is_listening and now - entry.checked_at < CACHE_TTL_SECONDS:
-            return judge(entry.record, datetime.now(UTC))
+        if entry and self.cache.is_listening and now - entry.checked_at < _ttl(entry):
+            return entry.record
         generation = self.cache.generation
         try:
             record = await store.fetch_key(self.pool, digest)
         except store.UNAVAILABLE_ERRORS as error:
-            return self._judge_during_outage(entry, now, error)
+            return self._record_during_outage(entry, now, error)
         self.cache.put(digest, CacheEntry(record, now), generation)
-        return judge(record, datetime.now(UTC))
+        return record
 
-    def _judge_during_outage(
+    def is_cached_valid(self, secret_key: str) -> bool:
+        """Whether the cache holds this key as valid right now (no database involved)."""
+        if not is_plausible_key(secret_key):
+            return False
+        entry = self.cache.entries.get(digest_key(secret_key))
+        if entry is None or not self.cache.is_listening:
+            return False
+        return refusal(entry.record, datetime.now(UTC)) is None
+
+    def _record_during_outage(
         self, entry: CacheEntry | None, now: float, error: BaseException
-    ) -> Identity:
+    ) -> store.KeyRecord | None:
         log.warning("auth: database unreachable (%s); using cached keys", type(error).__name__)
-        if entry is None or now - entry.checked_at >= self.outage_grace_seconds:
+        # Only a verdict known to be current within the grace counts, and never an unknown
+        # digest: with grace 0 (fail closed) nothing is accepted without the database.
+        if entry is None or entry.record is None or self._is_stale(entry, now):
             raise unavailable(
                 "the key database is unreachable; try again shortly", retry_after=5, code="db_down"
             ) from None
-        return judge(entry.record, datetime.now(UTC))
+        return entry.record
+
+    def _is_stale(self, entry: CacheEntry, now: float) -> bool:
+        return now - self.cache.verified_at(entry) >= self.outage_grace_seconds
 
 
-async def listen_for_changes(dsn: str, cache: AuthCache) -> None:
-    """Forever: LISTEN for user and key changes and empty the cache on each one."""
+def _ttl(entry: CacheEntry) -> float:
+    return CACHE_TTL_SECONDS if entry.record is not None else UNKNOWN_TTL_SECONDS
+
+
+async def listen_for_changes(
+    dsn: str, cache: AuthCache, on_change: Callable[[], None] = lambda: None
+) -> None:
+    """Forever: LISTEN for user and key changes, empty the cache and call on_change on each.
+
+    Nothing but cancellation ends this loop: whatever goes wrong, the listener logs it,
+    waits a moment and reconnects, because without it revocations would go unnoticed.
+    """
     has_warned = False
     while True:
         try:
@@ -155,29 +241,43 @@ async def listen_for_changes(dsn: str, cache: AuthCache) -> None:
             if not has_warned:  # once per outage, not once a second
                 log.warning("auth listener: %s; retrying every %ss", error, LISTENER_RETRY_SECONDS)
                 has_warned = True
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("auth listener: unexpected error while connecting; retrying")
         else:
             has_warned = False
             try:
-                await _listen_until_lost(conn, cache)
+                await _listen_until_lost(conn, cache, on_change)
             except store.UNAVAILABLE_ERRORS as error:
                 log.warning("auth listener lost its connection (%s)", type(error).__name__)
+            except Exception:  # noqa: BLE001 - see the docstring
+                log.exception("auth listener: unexpected error; reconnecting")
             finally:
                 cache.is_listening = False
                 conn.terminate()
         await asyncio.sleep(LISTENER_RETRY_SECONDS)
 
 
-async def _listen_until_lost(conn: asyncpg.Connection, cache: AuthCache) -> None:
+async def _listen_until_lost(
+    conn: asyncpg.Connection, cache: AuthCache, on_change: Callable[[], None]
+) -> None:
     lost = asyncio.get_running_loop().create_future()
     conn.add_termination_listener(lambda _conn: lost.done() or lost.set_result(None))
-    await conn.add_listener(AUTH_CHANNEL, lambda *_args: cache.clear())
+
+    def changed(*_args: object) -> None:
+        cache.clear()
+        on_change()
+
+    await conn.add_listener(AUTH_CHANNEL, changed)
     # Changes made while nobody listened were missed: start from empty.
-    cache.clear()
+    changed()
     cache.is_listening = True
+    cache.confirm(time.monotonic())
     # The termination callback is not fired when the server vanishes without a word
     # (kill -9, network), so also probe now and then.
     while not lost.done():
         try:
-            await asyncio.wait_for(asyncio.shield(lost), timeout=2.0)
+            await asyncio.wait_for(asyncio.shield(lost), timeout=PROBE_SECONDS)
         except TimeoutError:
-            await conn.fetchval("SELECT 1", timeout=2.0)
+            await conn.fetchval("SELECT 1", timeout=PROBE_SECONDS)
+            # Notifications arrive in order before the probe's answer, so none is pending.
+            cache.confirm(time.monotonic())

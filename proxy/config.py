@@ -46,6 +46,13 @@ def parse_optional_int(value: str) -> int | None:
     return None if value == "" else parse_whole_number(value)
 
 
+def parse_non_negative_int(value: str) -> int:
+    number = parse_whole_number(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def parse_positive_int(value: str) -> int:
     number = parse_whole_number(value)
     if number < 1:
@@ -60,6 +67,16 @@ def parse_positive_float(value: str) -> float:
         raise ValueError("must be a number of seconds") from None
     if number <= 0:
         raise ValueError("must be greater than 0")
+    return number
+
+
+def parse_non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be 0 (fail closed) or a finite number of seconds")
     return number
 
 
@@ -191,16 +208,26 @@ GATEWAY_KEYS: tuple[Key, ...] = (
     ),
     Key(
         "LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS",
-        "300",
-        parse_positive_float,
-        "while PostgreSQL is unreachable, keys checked within this many seconds keep working",
+        "30",
+        parse_non_negative_float,
+        "while PostgreSQL is unreachable, keys known valid within this many seconds keep "
+        "working; 0 fails closed (every request gets 503 until the database answers)",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_AUTH_FAILURES_PER_MINUTE",
+        "60",
+        parse_non_negative_int,
+        "refused keys (401) one client address may cause per minute, in a burst or spread "
+        "out; past it the address gets 429, except for keys the gateway knows valid (0: off)",
         GATEWAY,
     ),
     Key(
         "LLAMA_PROXY_METRICS_TOKEN",
         "",
         parse_text,
-        "bearer token for /metrics from other hosts (empty: /metrics answers loopback only)",
+        "bearer token for /metrics (without it, /metrics answers only loopback callers that "
+        "forward nobody: no Forwarded, X-Forwarded-For or X-Real-IP header)",
         GATEWAY,
     ),
 )
@@ -250,6 +277,7 @@ class ProxyConfig:
     metrics_token: str
     client_timeout_seconds: float = 30.0
     restart_flag_max_age_seconds: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
+    auth_failures_per_minute: int = 60
 
 
 def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:
@@ -324,6 +352,7 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
         auth_outage_grace_seconds=values["LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS"],
         metrics_token=values["LLAMA_PROXY_METRICS_TOKEN"],
         client_timeout_seconds=values["LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"],
+        auth_failures_per_minute=values["LLAMA_PROXY_AUTH_FAILURES_PER_MINUTE"],
     )
 
 

@@ -7,6 +7,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import time
 import uuid
 from datetime import UTC, datetime
@@ -19,7 +20,9 @@ from proxy import appkeys, store
 from proxy.auth import Identity, extract_key
 from proxy.errors import GatewayError, error_response, not_found, unavailable
 from proxy.forward import CLIENT_GONE
+from proxy.inflight import run_unless_ended
 from proxy.queue import QueueFull, QueueRejected
+from proxy.recheck import end_in_flight, recheck_at_grant
 from proxy.requestlog import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -28,6 +31,7 @@ log = logging.getLogger(__name__)
 UNLOGGED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MODELS_CACHE_SECONDS = 60.0
 GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
+FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 @web.middleware
@@ -111,10 +115,37 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
 
 
 async def authenticate(request: web.Request) -> Identity:
-    identity = await request.app[appkeys.AUTHENTICATOR].authenticate(extract_key(request.headers))
+    authenticator = request.app[appkeys.AUTHENTICATOR]
+    failures = request.app[appkeys.AUTH_FAILURES]
+    address = request.remote or "unknown"
+    retry_after = failures.retry_after(address)
+    if retry_after is not None and not _carries_cached_valid_key(request):
+        raise GatewayError(
+            429,
+            f"too many requests with a missing or invalid API key from {address}; "
+            f"retry after {math.ceil(retry_after)}s",
+            "rate_limit_exceeded",
+            "too_many_auth_failures",
+            retry_after=retry_after,
+        )
+    request[appkeys.AUTH_GENERATION] = authenticator.cache.generation
+    try:
+        identity = await authenticator.authenticate(extract_key(request.headers))
+    except GatewayError as error:
+        if error.status == 401:
+            failures.note_failure(address)
+        raise
     record = request[appkeys.RECORD]
     record.username, record.key_id = identity.username, identity.key_id
     return identity
+
+
+def _carries_cached_valid_key(request: web.Request) -> bool:
+    try:
+        secret_key = extract_key(request.headers)
+    except GatewayError:
+        return False
+    return request.app[appkeys.AUTHENTICATOR].is_cached_valid(secret_key)
 
 
 async def enforce_rate_limit(request: web.Request, identity: Identity) -> None:
@@ -190,11 +221,16 @@ async def forward_in_turn(
 ) -> web.StreamResponse:
     record = request[appkeys.RECORD]
     route = request.match_info.route.resource.canonical
+    inflight = request.app[appkeys.INFLIGHT]
+    entry = request[appkeys.INFLIGHT_ENTRY] = inflight.add(identity.key_id, identity.username)
     try:
         async with request.app[appkeys.QUEUE].slot(identity.username) as waited:
             record.queue_ms = waited * 1000
             request.app[appkeys.METRICS].queue_wait.observe(waited)
-            return await request.app[appkeys.FORWARDER].forward(request, route, body, record)
+            await recheck_at_grant(request, identity, entry)
+            relay = request.app[appkeys.FORWARDER].forward(request, route, body, record)
+            response = await run_unless_ended(entry, relay)
+            return response if response is not None else await end_in_flight(entry, record)
     except QueueRejected as rejected:
         raise GatewayError(
             rejected.status,
@@ -203,6 +239,8 @@ async def forward_in_turn(
             "queue_full" if isinstance(rejected, QueueFull) else "queue_timeout",
             retry_after=rejected.retry_after,
         ) from None
+    finally:
+        inflight.remove(entry)
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
@@ -226,11 +264,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: the backend answers, the database answers, the request log can spool."""
     app = request.app
-    checks = {
-        "backend": await _check_backend(app),
-        "database": await _check_database(app),
-        "request_log": app[appkeys.REQUEST_LOG].problem or "ok",
-    }
+    checks = await app[appkeys.READINESS].get()
     is_ready = all(value == "ok" for value in checks.values())
     queue = app[appkeys.QUEUE].stats()
     body = {
@@ -239,6 +273,15 @@ async def readyz(request: web.Request) -> web.Response:
         "queue": {"active": queue.active, "waiting": queue.waiting},
     }
     return web.json_response(body, status=200 if is_ready else 503)
+
+
+async def check_readiness(app: web.Application) -> dict[str, str]:
+    """The checks behind /readyz, each "ok" or what is wrong (cached by proxy/readiness.py)."""
+    return {
+        "backend": await _check_backend(app),
+        "database": await _check_database(app),
+        "request_log": app[appkeys.REQUEST_LOG].problem or "ok",
+    }
 
 
 async def _check_backend(app: web.Application) -> str:
@@ -266,8 +309,9 @@ async def metrics(request: web.Request) -> web.Response:
     if not _may_read_metrics(request):
         raise GatewayError(
             403,
-            "/metrics answers loopback callers, or 'Authorization: Bearer' with "
-            "LLAMA_PROXY_METRICS_TOKEN",
+            "/metrics answers loopback callers that are not forwarding someone else's request "
+            "(no Forwarded, X-Forwarded-For or X-Real-IP header), or 'Authorization: Bearer' "
+            "with LLAMA_PROXY_METRICS_TOKEN",
             code="forbidden",
         )
     body = request.app[appkeys.METRICS].render()
@@ -279,6 +323,9 @@ def _may_read_metrics(request: web.Request) -> bool:
     offered = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if token and hmac.compare_digest(offered.encode(), token.encode()):
         return True
+    if any(header in request.headers for header in FORWARDING_HEADERS):
+        # A reverse proxy on this host connects from loopback on behalf of anyone.
+        return False
     try:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:

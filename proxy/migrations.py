@@ -206,12 +206,28 @@ async def m004_rate_slot_leases(conn: asyncpg.Connection) -> None:
     )
 
 
+async def m005_notify_on_truncate(conn: asyncpg.Connection) -> None:
+    # TRUNCATE fires no row or INSERT/UPDATE/DELETE statement trigger, so before this a
+    # `TRUNCATE users CASCADE` left every gateway accepting the deleted keys from its cache.
+    await conn.execute(
+        """
+        DROP TRIGGER IF EXISTS users_notify_auth_truncate ON users;
+        CREATE TRIGGER users_notify_auth_truncate AFTER TRUNCATE ON users
+            FOR EACH STATEMENT EXECUTE FUNCTION llamagate_notify_auth();
+        DROP TRIGGER IF EXISTS api_keys_notify_auth_truncate ON api_keys;
+        CREATE TRIGGER api_keys_notify_auth_truncate AFTER TRUNCATE ON api_keys
+            FOR EACH STATEMENT EXECUTE FUNCTION llamagate_notify_auth();
+        """
+    )
+
+
 Migration = Callable[[asyncpg.Connection], Awaitable[None]]
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, m001_users_keys_requests),
     (2, m002_auth_notifications),
     (3, m003_shared_rate_windows),
     (4, m004_rate_slot_leases),
+    (5, m005_notify_on_truncate),
 )
 
 

@@ -50,6 +50,7 @@ def gateway_config(dsn: str, backend_url: str, tmp_path: Path, **overrides) -> P
         drain_seconds=1.0,
         auth_outage_grace_seconds=300.0,
         metrics_token="",
+        auth_failures_per_minute=10_000,  # tests that exercise it set their own
     )
     return replace(config, **overrides)
 

@@ -181,6 +181,28 @@ async def revoke_and_wait_for_the_notification(dsn: str, cache, *keys: str) -> N
     await wait_until(lambda: cache.generation > generation, "the revocation's notification")
 
 
+@pytest.mark.asyncio
+async def test_grace_zero_fails_closed_through_a_real_outage(outage_gateway, own_dsn, own_cluster):
+    gateway = await outage_gateway(auth_outage_grace_seconds=0.0)
+    key = await new_key(own_dsn, "alice")
+    cache = gateway.app[appkeys.AUTHENTICATOR].cache
+    await wait_until(lambda: cache.is_listening, "the auth listener")
+    assert (await ask(gateway, key))[0] == 200  # cached as valid a moment ago
+    await in_thread(own_cluster.stop)
+    await wait_until(lambda: not cache.is_listening, "the listener to see the outage", DEADLINE)
+    response = await gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+    assert response.status == 503
+    assert (await response.json())["error"]["code"] == "db_down"
+    await in_thread(own_cluster.start)
+    await wait_until(
+        lambda: _status_is(ask(gateway, key), 200), "alice to be served again", DEADLINE
+    )
+
+
+async def _status_is(asked, status: int) -> bool:
+    return (await asked)[0] == status
+
+
 def _served_after(traffic: Traffic) -> bool:
     statuses = list(traffic.sent.values())
     return 503 in statuses and statuses[-1] == 200

@@ -537,12 +537,15 @@ async def test_metrics_from_loopback_count_requests_by_user(gateway, db):
     assert "llamagate_queue_waiting 0.0" in text
 
 
-def metrics_request(token: str, remote: str, authorization: str | None) -> web.Request:
+def metrics_request(
+    token: str, remote: str, authorization: str | None, forwarded: dict | None = None
+) -> web.Request:
     app = web.Application()
     app[appkeys.CONFIG] = gateway_config(
         "postgresql://x@y/z", "http://b", Path("/unused"), metrics_token=token
     )
-    headers = {"Authorization": authorization} if authorization else None
+    headers = {"Authorization": authorization} if authorization else {}
+    headers.update(forwarded or {})
     return make_mocked_request("GET", "/metrics", headers, app=app).clone(remote=remote)
 
 
@@ -561,3 +564,18 @@ def metrics_request(token: str, remote: str, authorization: str | None) -> web.R
 )
 def test_metrics_answer_loopback_or_the_metrics_token(token, remote, authorization, is_allowed):
     assert _may_read_metrics(metrics_request(token, remote, authorization)) is is_allowed
+
+
+@pytest.mark.parametrize(
+    "forwarded",
+    [
+        {"X-Forwarded-For": "203.0.113.9"},
+        {"Forwarded": "for=203.0.113.9"},
+        {"X-Real-IP": "203.0.113.9"},
+    ],
+    ids=["x-forwarded-for", "forwarded", "x-real-ip"],
+)
+def test_metrics_refuse_a_reverse_proxy_on_loopback_without_the_token(forwarded):
+    assert not _may_read_metrics(metrics_request("", "127.0.0.1", None, forwarded))
+    assert not _may_read_metrics(metrics_request("s3cret", "::1", None, forwarded))
+    assert _may_read_metrics(metrics_request("s3cret", "127.0.0.1", "Bearer s3cret", forwarded))

@@ -306,6 +306,33 @@ def test_a_key_revoked_with_the_admin_cli_is_refused_within_one_second(stack: St
     assert {status for at, status in poller.answers if at >= refused} == {401}
 
 
+# The end-of-text tokens of the fallback model (<|endoftext|>, <|im_end|>), banned so that it
+# generates for as long as max_tokens allows: long enough to be revoked mid-stream.
+ENDLESS = {"logit_bias": {"0": -100, "2": -100}, "max_tokens": 4000, "stream": True}
+
+
+def test_a_stream_whose_key_is_revoked_with_the_admin_cli_ends_within_one_second(stack: Stack):
+    key = new_user(stack, "dave")
+    request = urllib.request.Request(
+        f"{stack.home.url}/v1/completions",
+        data=json.dumps({"prompt": "1, 2, 3,", **ENDLESS}).encode(),
+        headers={"Content-Type": "application/json", **bearer(key)},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        assert answer.readline().startswith(b"data: {")  # the model is generating
+        revoked = stack.home.admin("revoke-key", key_id_of(key))
+        assert revoked.returncode == 0, revoked.stdout + revoked.stderr
+        events = [line for line in answer if line.startswith(b"data: ")]  # to the end
+        ended = time.time()
+    assert events[-1] != b"data: [DONE]\n", "the stream ran to its end: it was not ended"
+    last = json.loads(events[-1].removeprefix(b"data: "))
+    assert last["error"]["message"].startswith(f"key_revoked: API key {key_id_of(key)} ")
+    latency = ended - asyncio.run(revoked_at(stack.home.dsn, key_id_of(key)))
+    print(f"\nrevocation: the real model's stream ended {latency * 1000:.0f} ms after the revoke")
+    assert latency < REVOCATION_SECONDS
+
+
 # --- /v1/me answers for the key's own user, whatever else the request says ------------------
 
 # Ways a caller might try to name another user; none may be honoured.
