@@ -1,8 +1,9 @@
 """The user-admin CLI, `python -m proxy.admin`; bin/user_management_cli.sh runs it.
 
 Each command is a small function whose docstring is its --help. The SQL lives in
-proxy.accounts; domain errors become `error: ...` lines and exit codes only here, in
-AdminGroup.invoke. Exit codes: 0 ok, 1 failure (database unreachable), 2 bad input.
+proxy.accounts; domain errors become `error: ...` lines and exit codes only at the edge,
+in AdminGroup (see proxy/clierrors.py). Exit codes: 0 ok, 1 failure (database
+unreachable), 2 bad input.
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import click
 
 from proxy import accounts
 from proxy.adminsupport import (
-    EXIT_BAD_INPUT,
     MAX_DURATION,
     USAGE_FIELDS,
     AdminEnv,
-    AdminError,
     AdminGroup,
     describe_duration,
     describe_limit,
@@ -32,6 +31,7 @@ from proxy.adminsupport import (
     iso,
     json_option,
     key_json,
+    pass_env,
     pick_username,
     read_environment,
     record,
@@ -40,6 +40,7 @@ from proxy.adminsupport import (
     user_argument,
     when,
 )
+from proxy.clierrors import EXIT_BAD_INPUT, CliError
 from proxy.migrations import migrate, schema_version
 
 
@@ -59,11 +60,11 @@ def cli(ctx: click.Context) -> None:
         bin/user_management_cli.sh usage --since 7d
     """
     if ctx.obj is None:
-        ctx.obj = read_environment(os.environ)
+        ctx.obj = functools.partial(read_environment, os.environ)
 
 
 @cli.command("init-db")
-@click.pass_obj
+@pass_env
 def init_db(env: AdminEnv) -> None:
     """Create or migrate the schema; safe to run any number of times.
 
@@ -87,7 +88,7 @@ def init_db(env: AdminEnv) -> None:
 )
 @click.option("--expires-days", type=int, metavar="D", help="The key stops working after D days.")
 @json_option
-@click.pass_obj
+@pass_env
 def create_user(
     env: AdminEnv,
     username: str,
@@ -124,7 +125,7 @@ def create_user(
 
 @cli.command("list-users")
 @json_option
-@click.pass_obj
+@pass_env
 def list_users(env: AdminEnv, as_json: bool) -> None:
     """List every user: status, rate limit and working keys (never the keys themselves).
 
@@ -160,7 +161,7 @@ def status(user: accounts.UserRow) -> str:
 @cli.command("show-user")
 @user_argument
 @json_option
-@click.pass_obj
+@pass_env
 def show_user(env: AdminEnv, username: str, as_json: bool) -> None:
     """Show a user, its keys by id, and its request count.
 
@@ -198,7 +199,7 @@ def show_user(env: AdminEnv, username: str, as_json: bool) -> None:
 
 @cli.command("disable-user")
 @user_argument
-@click.pass_obj
+@pass_env
 def disable_user(env: AdminEnv, username: str) -> None:
     """Disable a user: all its keys stop working within a second, on every gateway.
 
@@ -216,7 +217,7 @@ def disable_user(env: AdminEnv, username: str) -> None:
 
 @cli.command("enable-user")
 @user_argument
-@click.pass_obj
+@pass_env
 def enable_user(env: AdminEnv, username: str) -> None:
     """Enable a disabled user again; its keys that are not revoked or expired work again.
 
@@ -233,7 +234,7 @@ def enable_user(env: AdminEnv, username: str) -> None:
 @cli.command("delete-user")
 @user_argument
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_obj
+@pass_env
 def delete_user(env: AdminEnv, username: str, yes: bool) -> None:
     """Delete a user and all its keys. Its rows in the request log stay.
 
@@ -257,7 +258,7 @@ def delete_user(env: AdminEnv, username: str, yes: bool) -> None:
 @user_argument
 @click.option("--expires-days", type=int, metavar="D", help="The key stops working after D days.")
 @json_option
-@click.pass_obj
+@pass_env
 def add_key(
     env: AdminEnv,
     username: str,
@@ -282,7 +283,7 @@ def add_key(
 
 @cli.command("revoke-key")
 @click.argument("key_id")
-@click.pass_obj
+@pass_env
 def revoke_key(env: AdminEnv, key_id: str) -> None:
     """Revoke one key by its id: it stops working within a second, on every gateway.
 
@@ -309,7 +310,7 @@ def revoke_key(env: AdminEnv, key_id: str) -> None:
     "--expires-days", type=int, metavar="D", help="The new key stops working after D days."
 )
 @json_option
-@click.pass_obj
+@pass_env
 def rotate_key(
     env: AdminEnv,
     username: str,
@@ -350,7 +351,7 @@ def rotate_key(
 @cli.command("set-limit")
 @click.argument("values", nargs=-1, metavar="[NAME] LIMIT")
 @click.option("--username", "-u", "option_name", metavar="NAME", help="The user.")
-@click.pass_obj
+@pass_env
 def set_limit(env: AdminEnv, values: tuple[str, ...], option_name: str | None) -> None:
     """Set a user's rate limit: LIMIT requests per window, or 'default' for the gateway's.
 
@@ -362,7 +363,7 @@ def set_limit(env: AdminEnv, values: tuple[str, ...], option_name: str | None) -
         bin/user_management_cli.sh set-limit --username alice default
     """
     if len(values) != (1 if option_name else 2):
-        raise AdminError(
+        raise CliError(
             "give the user and the limit: set-limit --username NAME LIMIT", EXIT_BAD_INPUT
         )
     username = pick_username(values[0] if len(values) == 2 else None, option_name)
@@ -377,7 +378,7 @@ def parse_limit(text: str) -> int | None:
     try:
         return accounts.validate_rate_limit(int(text))
     except ValueError:
-        raise AdminError(
+        raise CliError(
             f"invalid limit {text!r}: give a number of requests per window, or 'default'",
             EXIT_BAD_INPUT,
         ) from None
@@ -388,7 +389,7 @@ def parse_limit(text: str) -> int | None:
 @click.option("--user", "username", metavar="NAME", help="Only this user.")
 @json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
-@click.pass_obj
+@pass_env
 def usage(
     env: AdminEnv, since: datetime | None, username: str | None, as_json: bool, as_csv: bool
 ) -> None:
@@ -402,7 +403,7 @@ def usage(
         bin/user_management_cli.sh usage --since 2026-11-01 --user alice --csv
     """
     if as_json and as_csv:
-        raise AdminError("choose one of --json and --csv", EXIT_BAD_INPUT)
+        raise CliError("choose one of --json and --csv", EXIT_BAD_INPUT)
     if username is not None:
         accounts.validate_username(username)
     rows = run(env, functools.partial(accounts.usage, since=since, username=username))
@@ -436,7 +437,7 @@ def usage(
     "--older-than", required=True, callback=duration_option, metavar="AGE", help="Such as 90d."
 )
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-@click.pass_obj
+@pass_env
 def prune(env: AdminEnv, older_than: timedelta, yes: bool) -> None:
     """Delete request-log rows older than AGE (s, m, h, d or w).
 

@@ -23,10 +23,10 @@ import asyncpg
 import click
 
 from proxy import accounts, store
+from proxy.clierrors import EXIT_BAD_INPUT, CliError, ErrorMappingGroup
 from proxy.config import database_dsn
 from proxy.migrations import migrate
 
-EXIT_FAILURE, EXIT_BAD_INPUT = 1, 2
 DURATION_PATTERN = re.compile(r"(\d{1,9})\s*([smhdw])")
 MAX_DURATION = timedelta(days=36_525)
 DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -40,17 +40,6 @@ BAD_DSN = (
 )
 USAGE_FIELDS = [field.name for field in dataclasses.fields(accounts.UsageRow)]
 T = TypeVar("T")
-
-
-class AdminError(click.ClickException):
-    """A message for the operator, printed as `error: ...`, with its exit code."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
 
 
 @dataclass(frozen=True)
@@ -67,16 +56,31 @@ def read_environment(environ: Mapping[str, str]) -> AdminEnv:
     return AdminEnv(dsn=database_dsn(environ), gateway_url=f"http://localhost:{port}")
 
 
+def pass_env(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command its AdminEnv as first argument, made only once the command runs.
+
+    ctx.obj holds a function that makes it: the console's launcher finds (and may start)
+    its database there, which --help must not need.
+    """
+
+    @click.pass_context
+    @functools.wraps(command)
+    def with_env(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
+        return command(ctx.obj(), *args, **kwargs)
+
+    return with_env
+
+
 def checked_dsn(env: AdminEnv) -> str:
     if not env.dsn:
-        raise AdminError(NO_DATABASE)
+        raise CliError(NO_DATABASE)
     try:
         parts = urlsplit(env.dsn)
         parts.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError:
-        raise AdminError(BAD_DSN, EXIT_BAD_INPUT) from None
+        raise CliError(BAD_DSN, EXIT_BAD_INPUT) from None
     if parts.scheme not in ("postgres", "postgresql"):
-        raise AdminError(BAD_DSN, EXIT_BAD_INPUT)
+        raise CliError(BAD_DSN, EXIT_BAD_INPUT)
     return env.dsn
 
 
@@ -96,7 +100,7 @@ async def run_on_connection(
     try:
         conn = await store.connect(dsn)
     except ValueError:
-        raise AdminError(BAD_DSN, EXIT_BAD_INPUT) from None
+        raise CliError(BAD_DSN, EXIT_BAD_INPUT) from None
     try:
         if should_migrate:
             applied = await migrate(conn)
@@ -110,18 +114,17 @@ async def run_on_connection(
             await conn.close(timeout=store.CONNECT_TIMEOUT_SECONDS)
 
 
-class AdminGroup(click.Group):
+class AdminGroup(ErrorMappingGroup):
     """Turns domain errors into `error: ...` and an exit code, at the edge."""
 
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except accounts.AccountError as error:
-            raise AdminError(str(error), EXIT_BAD_INPUT) from None
-        except store.StoreError as error:
-            raise AdminError(str(error)) from None
-        except asyncpg.PostgresError as error:
-            raise AdminError(f"the database refused: {error}") from None
+    domain_errors = (accounts.AccountError, store.StoreError, asyncpg.PostgresError)
+
+    def cli_error(self, error: Exception) -> CliError:
+        if isinstance(error, accounts.AccountError):
+            return CliError(str(error), EXIT_BAD_INPUT)
+        if isinstance(error, asyncpg.PostgresError):
+            return CliError(f"the database refused: {error}")
+        return CliError(str(error))
 
 
 def parse_duration(text: str) -> timedelta:
@@ -165,14 +168,14 @@ def since_option(ctx: click.Context, param: click.Parameter, value: str | None) 
     try:
         return parse_since(value, datetime.now(UTC))
     except ValueError as error:
-        raise AdminError(str(error), EXIT_BAD_INPUT) from None
+        raise CliError(str(error), EXIT_BAD_INPUT) from None
 
 
 def duration_option(ctx: click.Context, param: click.Parameter, value: str) -> timedelta:
     try:
         return parse_duration(value)
     except ValueError as error:
-        raise AdminError(str(error), EXIT_BAD_INPUT) from None
+        raise CliError(str(error), EXIT_BAD_INPUT) from None
 
 
 def user_argument(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -189,10 +192,10 @@ def user_argument(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def pick_username(name: str | None, option_name: str | None) -> str:
     if name and option_name and name != option_name:
-        raise AdminError(f"two users given ({name!r}, {option_name!r}); give one", EXIT_BAD_INPUT)
+        raise CliError(f"two users given ({name!r}, {option_name!r}); give one", EXIT_BAD_INPUT)
     username = name or option_name
     if not username:
-        raise AdminError("which user? give NAME or --username NAME", EXIT_BAD_INPUT)
+        raise CliError("which user? give NAME or --username NAME", EXIT_BAD_INPUT)
     return accounts.validate_username(username)
 
 

@@ -1,54 +1,57 @@
-"""The admin CLI's launcher: find the database the console uses, then run proxy.admin.
+"""The admin CLI's launcher: runs proxy.admin in this process, on the database the console uses.
 
 bin/user_management_cli.sh runs `python -m runtime.admin ARGS`; bin/bootstrap_user_cli.sh
 adds --bootstrap, which also creates and starts the private cluster and the schema.
-proxy.admin itself knows nothing of the console: it gets POSTGRES_AUTH_DSN.
+proxy.admin itself knows nothing of the console: it gets an AdminEnv from console_env,
+and only when a command runs, so --help works while the database is down.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
+from proxy import admin
+from proxy.adminsupport import AdminEnv
+from proxy.clierrors import EXIT_BAD_INPUT, CliError
 from runtime import bootstrap
 from runtime.database import Database, DatabaseError
-from runtime.settings import ConfigError, load_settings, paths_from_env
+from runtime.pgcluster import ClusterError
+from runtime.settings import ConfigError, Paths, load_settings, paths_from_env
 
 BOOTSTRAP_FLAG = "--bootstrap"
 
 
-def main(argv: list[str]) -> int:
-    is_bootstrap = argv[:1] == [BOOTSTRAP_FLAG]
-    args = argv[1:] if is_bootstrap else argv
-    paths = paths_from_env()
+def console_env(paths: Paths, is_bootstrap: bool) -> AdminEnv:
+    """The console's database (created and started first with --bootstrap) and gateway."""
     try:
         if is_bootstrap:
             bootstrap.ensure_config(paths)
         settings = load_settings(paths)
         database = Database(settings, echo=lambda line: click.echo(line, err=True))
         dsn = database.ensure_running() if is_bootstrap else database.dsn()
-    except (ConfigError, DatabaseError) as error:
-        click.echo(f"error: {error}", err=True)
-        return 2 if isinstance(error, ConfigError) else 1
+    except ConfigError as error:
+        raise CliError(str(error), EXIT_BAD_INPUT) from None
+    except (DatabaseError, ClusterError) as error:
+        raise CliError(str(error)) from None
     if database.is_managed and not is_bootstrap and not database.cluster().is_running():
-        click.echo(
-            "error: the private PostgreSQL is not running; start it with ./console.sh start "
-            "(or bin/bootstrap_user_cli.sh)",
-            err=True,
+        raise CliError(
+            "the private PostgreSQL is not running; start it with ./console.sh start "
+            "(or bin/bootstrap_user_cli.sh)"
         )
-        return 1
-    if is_bootstrap and not args:
-        args = ["init-db"]
-    environ = {
-        **os.environ,
-        "POSTGRES_AUTH_DSN": dsn,
-        "LLAMA_PROXY_PORT": str(settings["LLAMA_PROXY_PORT"]),
-    }
-    os.execve(sys.executable, [sys.executable, "-m", "proxy.admin", *args], environ)
-    return 0  # not reached
+    return AdminEnv(dsn=dsn, gateway_url=f"http://localhost:{settings['LLAMA_PROXY_PORT']}")
+
+
+def main(argv: list[str]) -> None:
+    is_bootstrap = argv[:1] == [BOOTSTRAP_FLAG]
+    args = (argv[1:] or ["init-db"]) if is_bootstrap else argv
+    admin.cli.main(
+        args,
+        prog_name="user_management_cli.sh",
+        obj=lambda: console_env(paths_from_env(), is_bootstrap),
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])

@@ -16,22 +16,12 @@ from pathlib import Path
 
 import click
 
+from proxy.clierrors import EXIT_FAILURE, EXIT_STOPPED, CliError
 from runtime import cli_models, service
-from runtime.cli_support import (
-    EXIT_FAILURE,
-    EXIT_STOPPED,
-    START_ERRORS,
-    ConsoleError,
-    load,
-    load_leniently,
-    start_failure,
-    wait_message,
-)
+from runtime.cli_support import ConsoleGroup, load, load_leniently, wait_message
 from runtime.lock import console_lock
-from runtime.modelfiles import ModelError
-from runtime.pgcluster import ClusterError
 from runtime.pglocation import find_place
-from runtime.settings import ConfigError, Paths, Settings, paths_from_env
+from runtime.settings import Paths, Settings, paths_from_env
 from runtime.supervisor import SERVING, STOPPED, BackendSupervisor, ComponentStatus
 
 STATUS_EXIT_CODES = {SERVING: 0, STOPPED: EXIT_STOPPED}
@@ -58,7 +48,7 @@ def report_started(result: service.StartResult) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ConsoleGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """llamagate: share one local GGUF model safely.
@@ -98,10 +88,7 @@ def start(paths: Paths, model: str | None, foreground: bool) -> None:
         click.echo("a foreground supervisor already runs the backend; nothing to do")
         return
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
-        try:
-            result = service.start(settings, click.echo)
-        except START_ERRORS as error:
-            raise start_failure(error, settings) from None
+        result = service.start(settings, click.echo)
     report_started(result)
 
 
@@ -111,18 +98,12 @@ def run_foreground(settings: Settings) -> int:
     with console_lock(settings.paths.run_dir, on_wait=wait_message(settings.paths)):
         is_running = BackendSupervisor(settings).status().is_serving
         if is_running or service.is_foreground_running(settings):
-            raise ConsoleError(
+            raise CliError(
                 "the backend is already running; run ./console.sh stop first, "
                 "so that this supervisor owns it"
             )
-        try:
-            model_path = service.check_ready_to_start(settings)
-        except (ModelError, ConfigError) as error:
-            raise start_failure(error, settings) from None
-    try:
-        return ForegroundSupervisor(settings, click.echo).run(model_path)
-    except START_ERRORS as error:
-        raise start_failure(error, settings) from None
+        model_path = service.check_ready_to_start(settings)
+    return ForegroundSupervisor(settings, click.echo).run(model_path)
 
 
 @cli.command()
@@ -141,7 +122,7 @@ def stop(paths: Paths) -> None:
         # Not under the lock: the supervisor takes the lock itself while it relaunches.
         was_running = service.stop_foreground(settings, click.echo)
         if not was_running:
-            raise ConsoleError(
+            raise CliError(
                 "the foreground supervisor did not stop in time; see "
                 "./console.sh logs, or stop it through systemd"
             )
@@ -166,15 +147,12 @@ def restart(paths: Paths, model: str | None) -> None:
     """
     settings = load(paths, model, is_writing=True)
     if service.is_foreground_running(settings):
-        raise ConsoleError(
+        raise CliError(
             "a foreground supervisor (systemd) runs the backend; restart it "
             "there, e.g. systemctl restart llamagate"
         )
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
-        try:
-            result = service.restart(settings, click.echo)
-        except START_ERRORS as error:
-            raise start_failure(error, settings) from None
+        result = service.restart(settings, click.echo)
     report_started(result)
 
 
@@ -239,14 +217,9 @@ def logs(paths: Paths, component: str, follow: bool, lines: int) -> None:
         ./console.sh logs proxy      # the gateway
         ./console.sh logs db         # the private PostgreSQL
     """
-    log = paths.logs_dir / f"{component}.log"
-    if component == "db":
-        try:
-            log = find_place(paths).log_path
-        except ClusterError as error:
-            raise ConsoleError(str(error)) from None
+    log = find_place(paths).log_path if component == "db" else paths.logs_dir / f"{component}.log"
     if not log.is_file():
-        raise ConsoleError(f"no log yet at {log}; it appears once ./console.sh start has run")
+        raise CliError(f"no log yet at {log}; it appears once ./console.sh start has run")
     argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(log)]
     os.execvp("tail", argv)
 
@@ -272,10 +245,7 @@ def ensure(paths: Paths) -> None:
         for name, status in down.items():
             detail = f": {status.detail}" if status.detail else ""
             click.echo(f"ensure: {name} was {status.state}{detail}")
-        try:
-            result = service.start(settings, click.echo)
-        except START_ERRORS as error:
-            raise start_failure(error, settings) from None
+        result = service.start(settings, click.echo)
     report_started(result)
 
 
@@ -346,7 +316,7 @@ def bench(json_path: str | None, **sizes: float) -> None:
     try:
         report = run_bench(BenchOptions(**sizes), click.echo)
     except BenchError as error:
-        raise ConsoleError(str(error)) from None
+        raise CliError(str(error)) from None
     click.echo(render_table(report))
     if json_path:
         report.write_json(Path(json_path))

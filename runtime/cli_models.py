@@ -8,7 +8,8 @@ from pathlib import Path
 
 import click
 
-from runtime.cli_support import EXIT_BAD_INPUT, ConsoleError, load, wait_message
+from proxy.clierrors import EXIT_BAD_INPUT, CliError
+from runtime.cli_support import load, wait_message
 from runtime.lock import console_lock
 from runtime.modelfiles import (
     ModelError,
@@ -94,7 +95,7 @@ def pull(paths: Paths, repo: str, pattern: str | None) -> None:
     try:
         pulled = pull_model(repo, pattern, paths.models_dir, echo=click.echo)
     except HubError as error:
-        raise ConsoleError(str(error)) from None
+        raise CliError(str(error)) from None
     for path in pulled:
         click.echo(f"pulled {path}")
 
@@ -112,23 +113,20 @@ def rm(paths: Paths, name: str, yes: bool) -> None:
     """
     settings = load(paths)
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
-        try:
-            path = resolve_model(name, paths.models_dir)
-        except ModelError as error:
-            raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
+        path = resolve_model(name, paths.models_dir)
         if path.parent != paths.models_dir.resolve():
-            raise ConsoleError(
+            raise CliError(
                 f"{path} is outside {paths.models_dir}; rm only removes models from there",
                 EXIT_BAD_INPUT,
             )
         if path in (served_model(settings), configured_model(settings)):
-            raise ConsoleError(
+            raise CliError(
                 f"{path.name} is the configured or served model; ./console.sh use another "
                 f"model (and restart) first",
                 EXIT_BAD_INPUT,
             )
         if not yes and not (sys.stdin and sys.stdin.isatty()):
-            raise ConsoleError(
+            raise CliError(
                 f"not removing {path.name} without confirmation; pass -y", EXIT_BAD_INPUT
             )
         if not yes:
@@ -149,10 +147,7 @@ def use(paths: Paths, name: str) -> None:
     """
     from runtime.configfile import set_config_value
 
-    try:
-        path = find_readable_model(name, paths.models_dir)
-    except ModelError as error:
-        raise ConsoleError(str(error), EXIT_BAD_INPUT) from None
+    path = find_readable_model(name, paths.models_dir)
     settings = load(paths, is_writing=True)
     value = path.name if path.parent == paths.models_dir.resolve() else str(path)
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):

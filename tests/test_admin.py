@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import re
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,12 +17,14 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 from click.testing import CliRunner, Result
+from conftest import ConsoleHome
 
 from proxy import store
 from proxy.admin import cli
 from proxy.adminsupport import AdminEnv, parse_duration, parse_since, run
 from proxy.config import DATABASE_KEYS
 from proxy.migrations import migrate
+from runtime.settings import CODE_DIR
 
 KEY_PATTERN = re.compile(r"lgk_[0-9a-f]{12}_[A-Za-z0-9_-]{43,}")
 UNREACHABLE_DSN = "postgresql://u:sekrit@127.0.0.1:1/x"
@@ -536,6 +539,32 @@ def test_every_command_help_shows_an_example(command: str) -> None:
     assert result.exit_code == 0, result.output
     assert "Example" in result.stdout
     assert "bin/user_management_cli.sh" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["--help"], ["create-user", "--help"]])
+def test_help_works_while_the_private_database_is_down(home: ConsoleHome, args: list[str]) -> None:
+    result = run_admin_script(home, *args)
+
+    assert result.returncode == 0, result.stderr
+    assert "Example" in result.stdout
+
+
+def test_a_command_while_the_private_database_is_down_says_how_to_start_it(
+    home: ConsoleHome,
+) -> None:
+    result = run_admin_script(home, "list-users")
+
+    assert result.returncode == 1
+    assert "error: the private PostgreSQL is not running" in result.stderr
+    assert "./console.sh start" in result.stderr
+
+
+def run_admin_script(home: ConsoleHome, *args: str) -> subprocess.CompletedProcess[str]:
+    """bin/user_management_cli.sh on a home whose private cluster was never started."""
+    script = CODE_DIR / "bin" / "user_management_cli.sh"
+    return subprocess.run(
+        [str(script), *args], cwd=CODE_DIR, env=home.env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_parse_duration_reads_each_unit() -> None:
