@@ -1,7 +1,7 @@
 """The gateway application: `make_app(config)` wires resources, middleware and routes.
 
-Resources (database pool, auth listener, request log, backend session) come from
-cleanup contexts, so each is closed if and only if it was opened. Handlers live in
+Resources (database pool, auth listener, request log, rate limiter, backend session) come
+from cleanup contexts, so each is closed if and only if it was opened. Handlers live in
 proxy/handlers.py; this module only assembles.
 """
 
@@ -50,7 +50,7 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.INFLIGHT] = InFlightRequests()
     app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
     app[appkeys.READINESS] = ReadinessCache(lambda: handlers.check_readiness(app))
-    app.cleanup_ctx.extend([database, request_log, auth, backend_session])
+    app.cleanup_ctx.extend([database, request_log, auth, rate_limiter, backend_session])
     app.on_response_prepare.append(handlers.add_gateway_headers)
     app.on_response_prepare.append(note_response)
     add_routes(app)
@@ -92,9 +92,6 @@ async def auth(app: web.Application) -> AsyncIterator[None]:
     config, pool = app[appkeys.CONFIG], app[appkeys.POOL]
     cache = AuthCache()
     app[appkeys.AUTHENTICATOR] = Authenticator(pool, cache, config.auth_outage_grace_seconds)
-    app[appkeys.LIMITER] = SharedLimiter(
-        lambda *batch: store.take_rate_slots(pool, *batch), config.rate_window_seconds
-    )
     watch = RevocationWatch(pool, app[appkeys.INFLIGHT])
     listener = asyncio.create_task(listen_for_changes(config.dsn, cache, watch.changed))
     yield
@@ -102,6 +99,17 @@ async def auth(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await listener
     await watch.close()
+
+
+async def rate_limiter(app: web.Application) -> AsyncIterator[None]:
+    pool = app[appkeys.POOL]
+    limiter = SharedLimiter(
+        lambda *batch: store.take_rate_slots(pool, *batch), app[appkeys.CONFIG].rate_window_seconds
+    )
+    app[appkeys.LIMITER] = limiter
+    yield
+    # Before the pool closes: a round trip still in flight would hold a connection.
+    await limiter.close()
 
 
 async def backend_session(app: web.Application) -> AsyncIterator[None]:

@@ -1,7 +1,7 @@
 """Per-user rate limits: at most N requests in any sliding window of W seconds.
 
 The count is exact, not a fixed window: a user never gets more than N admissions in
-any W-second span. It is kept in PostgreSQL (llamagate_take_slots) so that every
+any W-second span. It is kept in PostgreSQL (llamagate_lease_slots) so that every
 gateway sharing the database counts together. To keep the round trips down, requests
 that arrive while one round trip is in flight are sent together in the next one, a
 user who keeps sending spends small leases of slots without asking (see SharedLimiter),
@@ -12,6 +12,7 @@ database is unreachable, each gateway falls back to its own exact local window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -156,6 +157,13 @@ class SharedLimiter:
         future = asyncio.get_running_loop().create_future()
         self._enqueue(_Pending(user, limit, future))
         return await future
+
+    async def close(self) -> None:
+        """Cancel the round trip in flight, if any; at shutdown no request waits for it."""
+        if self.flusher is not None:
+            self.flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.flusher
 
     def _refused_locally(self, user: str, limit: int) -> Decision | None:
         # The database said this user is full until a slot frees: no need to ask again.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+import aiohttp
 import pytest
-from gatewayhelpers import add_user, bearer, chat, wait_until
+from gatewayhelpers import DEADLINE, add_user, bearer, chat, wait_until
 
-from proxy import store
+from proxy import appkeys, store
 from proxy.ratelimit import SharedLimiter, SlidingWindow
 
 pytest_plugins = ["gatewayfixture"]
@@ -301,3 +303,28 @@ async def test_two_gateways_never_let_a_user_exceed_the_limit_together(start_gat
     # And afterwards, each gateway alone still refuses: the window is shared.
     for client in (first, second):
         assert await call(client) == 429
+
+
+@pytest.mark.asyncio
+async def test_shutdown_cancels_a_rate_limit_round_trip_in_flight(start_gateway, db):
+    gateway = await start_gateway()
+    key = await add_user(db, "alice")
+    limiter = gateway.app[appkeys.LIMITER]
+    # Hold alice's window row, so that the limiter's round trip waits on its lock.
+    async with db.acquire() as holder, holder.transaction():
+        await holder.execute("INSERT INTO rate_windows (username) VALUES ('alice')")
+        request = asyncio.create_task(
+            gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+        )
+        await wait_until(
+            lambda: db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE '%llamagate_lease_slots%'"
+            ),
+            "the limiter's round trip to wait on the row lock",
+        )
+        # The pool closes only once every connection is back: the round trip must end.
+        await asyncio.wait_for(gateway.close(), DEADLINE)
+        assert limiter.flusher.cancelled()
+    with contextlib.suppress(aiohttp.ClientError):
+        await request
