@@ -129,6 +129,8 @@ class AdminGroup(ErrorMappingGroup):
 
 def parse_duration(text: str) -> timedelta:
     """'90d', '24h', '30m', '2w' or '45s' as a timedelta; ValueError otherwise."""
+    # Hand-written: the libraries that read durations (pytimeparse, dateutil) would be a
+    # dependency for five units, and accept forms such as '1.5d' that we refuse on purpose.
     match = DURATION_PATTERN.fullmatch(text.strip().lower())
     if not match or int(match[1]) == 0:
         raise ValueError(f"invalid duration {text!r}: use a number and a unit, such as 7d or 24h")
@@ -234,6 +236,7 @@ def echo_csv(records: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
 
 
 def echo_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], indent: str = "") -> None:
+    # Hand-written rather than tabulate: left-aligned columns are all these tables need.
     cells = [list(headers)] + [[str(cell) for cell in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:

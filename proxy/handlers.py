@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import appkeys, store
 from proxy.auth import Identity, extract_key
@@ -244,7 +245,8 @@ async def forward_in_turn(
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:
-    """GET /v1/models, answered from a short cache so that it never waits in the queue."""
+    """GET /v1/models, answered from a short cache without queueing; a cache miss waits in
+    the queue like any request, because the backend answers it under its global lock."""
     identity = await authenticate(request)
     await enforce_rate_limit(request, identity)
     cache = request.app[appkeys.MODELS_CACHE]
@@ -315,7 +317,7 @@ async def metrics(request: web.Request) -> web.Response:
             code="forbidden",
         )
     body = request.app[appkeys.METRICS].render()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 def _may_read_metrics(request: web.Request) -> bool:

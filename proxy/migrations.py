@@ -87,8 +87,9 @@ async def m002_auth_notifications(conn: asyncpg.Connection) -> None:
 
 async def m003_shared_rate_windows(conn: asyncpg.Connection) -> None:
     # One row per user holding the admission times inside the current window. Gateways
-    # call llamagate_take_slots with a whole batch of requests in one round trip; the
-    # row lock makes the count exact across every gateway that shares the database.
+    # called llamagate_take_slots with a whole batch of requests in one round trip (they
+    # call m004's llamagate_lease_slots now; this one stays so that migrations replay as
+    # shipped); the row lock makes the count exact across every gateway sharing the database.
     await conn.execute(
         """
         CREATE TABLE IF NOT EXISTS rate_windows (
@@ -137,7 +138,7 @@ async def m003_shared_rate_windows(conn: asyncpg.Connection) -> None:
 
 
 async def m004_rate_slot_leases(conn: asyncpg.Connection) -> None:
-    # llamagate_take_slots, plus leases: up to p_extra more slots per user that a gateway
+    # m003's llamagate_take_slots, plus leases: up to p_extra more slots per user that a gateway
     # may hand out locally for p_hold seconds without asking again. They are stamped at
     # the end of the lease (now + p_hold), the latest moment one can be used, so the
     # window never forgets a leased slot before it could have been spent: the count

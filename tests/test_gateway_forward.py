@@ -12,17 +12,18 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
+from conftest import free_port
 from gatewayhelpers import (
     BACKEND_KEY,
     DEADLINE,
     add_user,
     bearer,
     chat,
-    free_port,
     gateway_config,
     log_rows,
     wait_until,
 )
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import appkeys
 from proxy.forward import UsageCounter
@@ -535,6 +536,13 @@ async def test_metrics_from_loopback_count_requests_by_user(gateway, db):
     )
     assert 'llamagate_tokens_total{kind="completion",user="alice"} 5.0' in text
     assert "llamagate_queue_waiting 0.0" in text
+
+
+@pytest.mark.asyncio
+async def test_metrics_are_served_with_prometheus_clients_own_content_type(gateway):
+    response = await gateway.get("/metrics")
+    assert response.status == 200
+    assert response.headers["Content-Type"] == CONTENT_TYPE_LATEST
 
 
 def metrics_request(
