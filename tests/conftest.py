@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from runtime.bench.stack import free_port
 from runtime.bootstrap import ensure_fallback_model
 from runtime.procs import read_pidfile
 from runtime.settings import CODE_DIR, FALLBACK_MODEL_NAME, KEY_NAMES
@@ -29,12 +29,6 @@ from runtime.settings import CODE_DIR, FALLBACK_MODEL_NAME, KEY_NAMES
 pytest_plugins = ["pgfixture"]
 
 TEST_API_KEY = "test-key-0123456789abcdef0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition"):

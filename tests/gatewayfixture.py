@@ -15,8 +15,9 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from conftest import free_port
 from fakeupstream import FakeUpstream
-from gatewayhelpers import BACKEND_KEY, free_port, gateway_config
+from gatewayhelpers import BACKEND_KEY, gateway_config
 from gatewayprocess import GatewayProcess, start_gateway_process
 
 from proxy import store

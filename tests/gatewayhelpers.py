@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,12 +19,6 @@ from proxy.keys import generate_key
 
 BACKEND_KEY = "backend-key-only-the-gateway-knows"
 DEADLINE = 5.0  # seconds; only there so that a broken gateway fails instead of hanging
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def gateway_config(dsn: str, backend_url: str, tmp_path: Path, **overrides) -> ProxyConfig:

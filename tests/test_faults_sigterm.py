@@ -15,7 +15,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
-from gatewayhelpers import BACKEND_KEY, add_user, bearer, chat, free_port, wait_until
+from conftest import free_port
+from gatewayhelpers import BACKEND_KEY, add_user, bearer, chat, wait_until
 from gatewayprocess import GatewayProcess, start_gateway_process
 
 from proxy.requestlog import RequestLog, RequestRecord, Spool

@@ -45,6 +45,7 @@ OVERHEAD_CONCURRENCY = 64
 
 
 def free_port() -> int:
+    """A port nothing listens on now; the tests take theirs from here too."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
