@@ -316,6 +316,7 @@ def bench(json_path: str | None, **sizes: float) -> None:
     try:
         report = run_bench(BenchOptions(**sizes), click.echo)
     except BenchError as error:
+        # Not in ConsoleGroup's list: that would import the bench for every command.
         raise CliError(str(error)) from None
     click.echo(render_table(report))
     if json_path:

@@ -95,6 +95,7 @@ def pull(paths: Paths, repo: str, pattern: str | None) -> None:
     try:
         pulled = pull_model(repo, pattern, paths.models_dir, echo=click.echo)
     except HubError as error:
+        # Not in ConsoleGroup's list: that would import huggingface_hub for every command.
         raise CliError(str(error)) from None
     for path in pulled:
         click.echo(f"pulled {path}")
