@@ -12,6 +12,7 @@ from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
 from proxy.requestlog import RequestLog, RequestRecord
+from proxy.usercache import UserFiguresCache
 
 CONFIG = web.AppKey("config", ProxyConfig)
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -22,6 +23,7 @@ AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 LIMITER = web.AppKey("limiter", SharedLimiter)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 MODELS_CACHE = web.AppKey("models_cache", dict)
+ME_CACHE = web.AppKey("me_cache", UserFiguresCache)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)

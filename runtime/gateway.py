@@ -9,21 +9,33 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from proxy.config import (
     BACKEND_KEY_KEY,
     BACKEND_URL_KEY,
     GATEWAY_KEYS,
+    MODEL_NAME_KEY,
     RESTART_FLAG_KEY,
     SPOOL_KEY,
 )
-from runtime.backend import PASSED_NAMES, answers_http
+from runtime.backend import PASSED_NAMES, answers_http, model_alias
+from runtime.modelfiles import ModelError, resolve_model
 from runtime.settings import CODE_DIR, Settings
 from runtime.supervisor import ProcessSupervisor
 
 GATEWAY_MODULE = "proxy"
 HEALTH_PATH = "/healthz"
 FLUSH_MARGIN_SECONDS = 5.0
+
+
+def served_model_name(settings: Settings) -> str:
+    """The name the backend gives the model (see model_alias), as the gateway should too."""
+    try:
+        path = resolve_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
+    except ModelError:
+        path = Path(settings["LLAMA_MODEL"])  # the start that follows will say what is wrong
+    return model_alias(settings, path)
 
 
 class GatewaySupervisor(ProcessSupervisor):
@@ -78,6 +90,7 @@ class GatewaySupervisor(ProcessSupervisor):
                 "POSTGRES_AUTH_DSN": self.dsn,
                 SPOOL_KEY: str(paths.spool_path),
                 RESTART_FLAG_KEY: str(paths.restart_flag),
+                MODEL_NAME_KEY: served_model_name(settings),
                 # The gateway's code lives in the checkout, wherever the state root is.
                 "PYTHONPATH": str(CODE_DIR),
                 "PYTHONUNBUFFERED": "1",

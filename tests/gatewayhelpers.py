@@ -50,6 +50,9 @@ def gateway_config(dsn: str, backend_url: str, tmp_path: Path, **overrides) -> P
         drain_seconds=1.0,
         auth_outage_grace_seconds=300.0,
         metrics_token="",
+        request_max_seconds=600.0,
+        max_tokens=4096,
+        me_cache_seconds=1.0,
     )
     return replace(config, **overrides)
 
