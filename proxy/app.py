@@ -19,8 +19,10 @@ from proxy import appkeys, handlers, store
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
+from proxy.deadlines import Deadlines
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
 from proxy.inflight import InFlightRequests
+from proxy.me import me
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import SharedLimiter
@@ -28,6 +30,7 @@ from proxy.readiness import ReadinessCache
 from proxy.recheck import note_response
 from proxy.requestlog import RequestLog, Spool
 from proxy.revocation import RevocationWatch
+from proxy.usercache import UserFiguresCache
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ def make_app(config: ProxyConfig) -> web.Application:
     )
     app[appkeys.CONFIG] = config
     app[appkeys.MODELS_CACHE] = {}
+    app[appkeys.ME_CACHE] = UserFiguresCache(config.me_cache_seconds)
     queue = FairQueue(
         config.backend_concurrency,
         config.queue_max_per_user,
@@ -60,11 +64,13 @@ def make_app(config: ProxyConfig) -> web.Application:
 def add_routes(app: web.Application) -> None:
     for route in JSON_ROUTES:
         app.router.add_post(route, handlers.forward_json)
-    app.router.add_get(MODELS_ROUTE, handlers.list_models)
+    # GET only: a HEAD answer has no body, and cached it would empty every GET after it.
+    # llama_cpp.server answers HEAD with 405 too, so nothing is lost.
+    app.router.add_get(MODELS_ROUTE, handlers.list_models, allow_head=False)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/v1/me", handlers.me)
+    app.router.add_get("/v1/me", me)
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
@@ -132,6 +138,7 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         config.restart_flag,
         on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
         restart_flag_max_age=config.restart_flag_max_age_seconds,
+        deadlines=Deadlines(config.client_timeout_seconds, config.request_max_seconds),
     )
     yield
     await session.close()

@@ -15,6 +15,7 @@ from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
 from proxy.readiness import ReadinessCache
 from proxy.requestlog import RequestLog, RequestRecord
+from proxy.usercache import UserFiguresCache
 
 CONFIG = web.AppKey("config", ProxyConfig)
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -28,6 +29,7 @@ MODELS_CACHE = web.AppKey("models_cache", dict)
 INFLIGHT = web.AppKey("inflight", InFlightRequests)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 READINESS = web.AppKey("readiness", ReadinessCache)
+ME_CACHE = web.AppKey("me_cache", UserFiguresCache)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)
