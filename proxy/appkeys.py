@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncpg
 from aiohttp import web
 
 from proxy.auth import Authenticator
@@ -12,9 +11,10 @@ from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
 from proxy.requestlog import RequestLog, RequestRecord
+from proxy.store import TimedPool
 
 CONFIG = web.AppKey("config", ProxyConfig)
-POOL = web.AppKey("pool", asyncpg.Pool)
+POOL = web.AppKey("pool", TimedPool)
 QUEUE = web.AppKey("queue", FairQueue)
 METRICS = web.AppKey("metrics", Metrics)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
