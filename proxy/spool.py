@@ -8,7 +8,8 @@ table's unique request_id (ON CONFLICT DO NOTHING) drops the repeats: each row l
 exactly once. Once the offset reaches the end, both files are removed.
 
 All file work runs on one thread of the spool's own, in order, so the event loop never
-waits for the disk or for JSON, and an append never interleaves with a read. One fsync
+waits for the disk, and an append never interleaves with a read. Replayed lines are
+decoded on the loop in small slices (see read_chunk). One fsync
 covers a whole batch of rows. The file is capped at `max_bytes`: rows that do not fit
 are refused, and the caller counts them. A line torn by a crash is skipped alone: the
 next append first ends it, so that it cannot swallow the row written after it.
@@ -34,6 +35,7 @@ from proxy import store
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+DECODE_SLICE = 100  # rows decoded on the event loop between two yields (about 1 ms)
 CREATED_AT = store.REQUEST_COLUMNS.index("created_at")
 
 Row = tuple
@@ -139,30 +141,43 @@ class Spool:
             return False
 
     async def read_chunk(self, max_rows: int) -> Chunk:
-        """The next rows after the committed offset. Raises OSError if unreadable."""
-        return await self._on_thread(self._read_chunk, max_rows)
+        """The next rows after the committed offset. Raises OSError if unreadable.
 
-    def _read_chunk(self, max_rows: int) -> Chunk:
-        start = self._read_offset()
-        chunk = Chunk(end=start)
+        The thread only reads bytes; JSON is decoded here, DECODE_SLICE lines at a time
+        with a yield in between. A thread busy decoding would hold the GIL, and the
+        event loop would wait for it at every socket call, longest on a busy machine.
+        """
+        lines, end = await self._on_thread(self._read_lines, max_rows)
+        chunk = Chunk(end=end)
+        for start in range(0, len(lines), DECODE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for line, line_end in lines[start : start + DECODE_SLICE]:
+                row = _decode_line(line, line_end)
+                if row is not None:
+                    chunk.rows.append(row)
+        return chunk
+
+    def _read_lines(self, max_rows: int) -> tuple[list[tuple[bytes, int]], int]:
+        """Up to max_rows whole lines after the offset, each with the offset past it."""
+        end = self._read_offset()
+        lines: list[tuple[bytes, int]] = []
         with open(self.path, "rb") as spool:
-            spool.seek(start)
-            while len(chunk.rows) < max_rows:
+            spool.seek(end)
+            while len(lines) < max_rows:
                 line = spool.readline()
                 if not line:
-                    return chunk
-                chunk.end += len(line)
+                    break
+                end += len(line)
                 if not line.strip():
                     continue  # the newline that ended a torn line
                 if not line.endswith(b"\n"):
                     # Appends run on this same thread, so none is half done now: the
                     # line was torn by a crash.
-                    log.warning("request log: skipping a torn spool line at byte %d", chunk.end)
+                    log.warning("request log: skipping a torn spool line at byte %d", end)
                     continue
-                row = _decode_line(line, chunk.end)
-                if row is not None:
-                    chunk.rows.append(row)
-        return chunk
+                lines.append((line, end))
+        return lines, end
 
     async def commit(self, offset: int) -> bool:
         """Record rows up to offset as saved; True if the spool is now empty (and removed)."""

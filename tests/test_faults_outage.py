@@ -9,6 +9,7 @@ are in test_faults.py; SIGTERM during streams in test_faults_sigterm.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import subprocess
 import time
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
@@ -24,9 +26,11 @@ from gatewayhelpers import (
     add_user,
     bearer,
     chat,
+    free_port,
     gateway_config,
     wait_until,
 )
+from gatewayprocess import start_gateway_process
 from pgfixture import fresh_database, temporary_cluster
 
 from proxy import appkeys, requestlog, store
@@ -377,35 +381,35 @@ HEALTHZ_BUDGET_SECONDS = 0.1
 
 @pytest.mark.asyncio
 async def test_a_spool_of_100k_rows_replays_exactly_once_while_healthz_stays_fast(
-    outage_gateway, own_dsn, tmp_path
+    own_dsn, tmp_path
 ):
+    # A real `python -m proxy`: its event loop and its garbage collector are the ones
+    # measured, not those of the test runner (whose heap alone takes ~200 ms to collect).
     spool_path = tmp_path / "spool" / "requests.spool"
-    spooled = [
-        RequestRecord(
-            f"replayed-{number}",
-            CREATED_AT,
-            "POST",
-            "/v1/chat/completions",
-            "10.0.0.1",
-            0.0,
-            username="alice",
-            status_code=200,
-        ).to_row(0.01)
-        for number in range(REPLAY_ROWS)
-    ]
-    await asyncio.to_thread(append_lines, spool_path, spooled)
+    await asyncio.to_thread(write_spool, spool_path, REPLAY_ROWS)
+    settings = {
+        "LLAMA_PROXY_HOST": "127.0.0.1",
+        "LLAMA_PROXY_PORT": str(free_port()),
+        "POSTGRES_AUTH_DSN": own_dsn,
+        "LLAMA_PROXY_SPOOL_PATH": str(spool_path),
+    }
     started = time.monotonic()
-    gateway = await outage_gateway(spool_path=spool_path)
+    gateway = await start_gateway_process(settings, tmp_path / "proxy.log")
     latencies: list[float] = []
-    while spool_path.exists():  # the replay starts at the first flush
-        sent = time.perf_counter()
-        response = await gateway.get("/healthz")
-        assert response.status == 200
-        latencies.append(time.perf_counter() - sent)
-        await asyncio.sleep(0.005)
-        assert time.monotonic() - started < 60, "the replay took over a minute"
-    replay_seconds = time.monotonic() - started
-    journal = gateway.app[appkeys.REQUEST_LOG]
+    gc.freeze()  # the test runner's big heap: its collections are not the gateway's time
+    try:
+        async with aiohttp.ClientSession() as session:
+            while spool_path.exists():  # the replay starts at the first flush
+                sent = time.perf_counter()
+                async with session.get(f"{gateway.url}/healthz") as response:
+                    assert response.status == 200
+                latencies.append(time.perf_counter() - sent)
+                await asyncio.sleep(0.005)
+                assert time.monotonic() - started < 60, "the replay took over a minute"
+        replay_seconds = time.monotonic() - started
+    finally:
+        gc.unfreeze()
+        gateway.stop()
     counts = await _fetchrow(
         own_dsn,
         "SELECT count(*) AS all_rows, count(DISTINCT request_id) AS distinct_ids "
@@ -416,9 +420,29 @@ async def test_a_spool_of_100k_rows_replays_exactly_once_while_healthz_stays_fas
         f"{max(latencies) * 1000:.1f} ms over {len(latencies)} probes"
     )
     assert (counts["all_rows"], counts["distinct_ids"]) == (REPLAY_ROWS, REPLAY_ROWS)
-    assert journal.written == REPLAY_ROWS  # no chunk was sent twice
     assert len(latencies) >= 20  # probed throughout, not once at the end
     assert max(latencies) < HEALTHZ_BUDGET_SECONDS
+
+
+def write_spool(path: Path, count: int) -> None:
+    """A spool file of `count` rows, written a slice at a time to keep memory low."""
+    for first in range(0, count, 10_000):
+        append_lines(
+            path,
+            [
+                RequestRecord(
+                    f"replayed-{number}",
+                    CREATED_AT,
+                    "POST",
+                    "/v1/chat/completions",
+                    "10.0.0.1",
+                    0.0,
+                    username="alice",
+                    status_code=200,
+                ).to_row(0.01)
+                for number in range(first, min(first + 10_000, count))
+            ],
+        )
 
 
 async def _fetchrow(dsn: str, sql: str) -> asyncpg.Record:
