@@ -28,11 +28,14 @@ from proxy.queue import FairQueue
 from proxy.ratelimit import SharedLimiter
 from proxy.readiness import ReadinessCache
 from proxy.recheck import note_response
-from proxy.requestlog import RequestLog, Spool
+from proxy.requestlog import RequestLog
 from proxy.revocation import RevocationWatch
+from proxy.spool import Spool
 from proxy.usercache import UserFiguresCache
 
 log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_SECONDS = 2.0  # the request log's "is the database back?" query
 
 
 def make_app(config: ProxyConfig) -> web.Application:
@@ -74,16 +77,24 @@ def add_routes(app: web.Application) -> None:
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
-    pool = await store.create_pool(app[appkeys.CONFIG].dsn)
+    config = app[appkeys.CONFIG]
+    pool = await store.create_pool(
+        config.dsn,
+        command_timeout=config.db_command_timeout_seconds,
+        acquire_timeout=config.db_acquire_timeout_seconds,
+    )
     app[appkeys.POOL] = pool
     yield
     await pool.close()
 
 
 async def request_log(app: web.Application) -> AsyncIterator[None]:
-    pool = app[appkeys.POOL]
+    pool, config = app[appkeys.POOL], app[appkeys.CONFIG]
     journal = RequestLog(
-        lambda rows: store.insert_requests(pool, rows), Spool(app[appkeys.CONFIG].spool_path)
+        lambda rows: store.insert_requests(pool, rows),
+        Spool(config.spool_path, config.spool_max_bytes),
+        probe=lambda: pool.fetchval("SELECT 1", timeout=PROBE_TIMEOUT_SECONDS),
+        on_dropped=app[appkeys.METRICS].log_rows_dropped.inc,
     )
     app[appkeys.REQUEST_LOG] = journal
     flusher = asyncio.create_task(journal.run())

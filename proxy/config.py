@@ -248,6 +248,29 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         GATEWAY,
     ),
     Key(
+        "LLAMA_PROXY_DB_COMMAND_TIMEOUT_SECONDS",
+        "5",
+        parse_positive_float,
+        "longest wait for one database query; past it the database counts as unavailable "
+        "(cached keys, local rate limits, spooled log rows) instead of hanging requests",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_DB_ACQUIRE_TIMEOUT_SECONDS",
+        "5",
+        parse_positive_float,
+        "longest wait for a free database connection; past it the database counts as unavailable",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_SPOOL_MAX_MB",
+        "512",
+        parse_positive_int,
+        "largest size of the request-log spool file (rows waiting for the database); "
+        "rows beyond it are dropped and counted",
+        GATEWAY,
+    ),
+    Key(
         "LLAMA_PROXY_METRICS_TOKEN",
         "",
         parse_text,
@@ -310,6 +333,13 @@ class ProxyConfig:
     me_cache_seconds: float = 1.0
     # The model's alias, for requests that name no model ("": leave them as they are).
     model_name: str = ""
+    db_command_timeout_seconds: float = 5.0
+    db_acquire_timeout_seconds: float = 5.0
+    spool_max_mb: int = 512
+
+    @property
+    def spool_max_bytes(self) -> int:
+        return self.spool_max_mb * 1024 * 1024
 
 
 def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:
@@ -389,6 +419,9 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
         max_tokens=values["LLAMA_PROXY_MAX_TOKENS"],
         me_cache_seconds=values["LLAMA_PROXY_ME_CACHE_SECONDS"],
         model_name=environ.get(MODEL_NAME_KEY, ""),
+        db_command_timeout_seconds=values["LLAMA_PROXY_DB_COMMAND_TIMEOUT_SECONDS"],
+        db_acquire_timeout_seconds=values["LLAMA_PROXY_DB_ACQUIRE_TIMEOUT_SECONDS"],
+        spool_max_mb=values["LLAMA_PROXY_SPOOL_MAX_MB"],
     )
 
 
