@@ -310,21 +310,25 @@ async def test_shutdown_cancels_a_rate_limit_round_trip_in_flight(start_gateway,
     gateway = await start_gateway()
     key = await add_user(db, "alice")
     limiter = gateway.app[appkeys.LIMITER]
-    # Hold alice's window row, so that the limiter's round trip waits on its lock.
-    async with db.acquire() as holder, holder.transaction():
-        await holder.execute("INSERT INTO rate_windows (username) VALUES ('alice')")
-        request = asyncio.create_task(
-            gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
-        )
-        await wait_until(
-            lambda: db.fetchval(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND query LIKE '%llamagate_lease_slots%'"
-            ),
-            "the limiter's round trip to wait on the row lock",
-        )
-        # The pool closes only once every connection is back: the round trip must end.
-        await asyncio.wait_for(gateway.close(), DEADLINE)
-        assert limiter.flusher.cancelled()
-    with contextlib.suppress(aiohttp.ClientError):
-        await request
+    request = asyncio.create_task(asyncio.sleep(0))
+    try:
+        # Hold alice's window row, so that the limiter's round trip waits on its lock.
+        async with db.acquire() as holder, holder.transaction():
+            await holder.execute("INSERT INTO rate_windows (username) VALUES ('alice')")
+            request = asyncio.create_task(
+                gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
+            )
+            await wait_until(
+                lambda: db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE wait_event_type = 'Lock' AND query LIKE '%llamagate_lease_slots%'"
+                ),
+                "the limiter's round trip to wait on the row lock",
+            )
+            # The pool closes only once every connection is back: the round trip must end.
+            await asyncio.wait_for(gateway.close(), DEADLINE)
+            assert limiter.flusher.cancelled()
+    finally:
+        request.cancel()
+        with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError):
+            await request
