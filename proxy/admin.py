@@ -8,7 +8,6 @@ AdminGroup.invoke. Exit codes: 0 ok, 1 failure (database unreachable), 2 bad inp
 from __future__ import annotations
 
 import functools
-import os
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -59,7 +58,7 @@ def cli(ctx: click.Context) -> None:
         bin/user_management_cli.sh usage --since 7d
     """
     if ctx.obj is None:
-        ctx.obj = read_environment(os.environ)
+        ctx.obj = read_environment()
 
 
 @cli.command("init-db")

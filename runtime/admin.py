@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
     environ = {
         **os.environ,
         "POSTGRES_AUTH_DSN": dsn,
-        "LLAMA_PROXY_PORT": str(settings["LLAMA_PROXY_PORT"]),
+        "LLAMA_PROXY_PORT": str(settings.gateway.port),
     }
     os.execve(sys.executable, [sys.executable, "-m", "proxy.admin", *args], environ)
     return 0  # not reached

@@ -50,22 +50,22 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
         "--host",
         settings.backend_host,
         "--port",
-        str(settings["LLAMA_SERVER_PORT"]),
+        str(settings.server.port),
         # The gateway (or the client) owns queueing; a queued request must never cut a
         # live stream short.
         "--interrupt_requests",
         "false",
     ]
     optional = {
-        "--model_alias": settings["LLAMA_MODEL_ALIAS"] or None,
-        "--n_ctx": settings["LLAMA_N_CTX"],
-        "--n_threads": settings["LLAMA_N_THREADS"],
-        "--n_gpu_layers": settings["LLAMA_N_GPU_LAYERS"],
+        "--model_alias": settings.server.model_alias or None,
+        "--n_ctx": settings.server.n_ctx,
+        "--n_threads": settings.server.n_threads,
+        "--n_gpu_layers": settings.server.n_gpu_layers,
     }
     for flag, value in optional.items():
         if value is not None:
             command += [flag, str(value)]
-    return command + list(settings["LLAMA_EXTRA_ARGS"])
+    return command + list(settings.server.extra_args)
 
 
 def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
@@ -75,8 +75,8 @@ def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[
         for name, value in environ.items()
         if name in PASSED_NAMES or name.startswith(_PASSED_PREFIXES)
     }
-    if settings["LLAMA_API_KEY"]:
-        cleaned["API_KEY"] = settings["LLAMA_API_KEY"]
+    if settings.server.api_key:
+        cleaned["API_KEY"] = settings.server.api_key
     cleaned["PYTHONUNBUFFERED"] = "1"
     return cleaned
 
@@ -130,8 +130,8 @@ def explain_failure(log_tail: str, settings: Settings, model_path: Path) -> str:
         found = pattern.search(log_tail)
         if found:
             return message.format(
-                port=settings["LLAMA_SERVER_PORT"],
-                host=settings["LLAMA_SERVER_HOST"],
+                port=settings.server.port,
+                host=settings.server.host,
                 model=model_path,
                 match=found.group(0),
             )

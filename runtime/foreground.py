@@ -119,8 +119,8 @@ class ForegroundSupervisor:
             self.echo(
                 f"the backend exited with code {returncode}; restarting in {delay:.1f}s "
                 f"(crash {len(self.crash_times)} of "
-                f"{self.settings['LLAMA_RESTART_MAX_CRASHES']} allowed within "
-                f"{self.settings['LLAMA_RESTART_WINDOW_SECONDS']:.0f}s)"
+                f"{self.settings.console.restart_max_crashes} allowed within "
+                f"{self.settings.console.restart_window_seconds:.0f}s)"
             )
             if not self._sleep(delay):
                 return None
@@ -134,9 +134,9 @@ class ForegroundSupervisor:
     def _record_crash(self) -> float | None:
         """Note a crash; return the wait before the next try, or None to give up."""
         now = time.monotonic()
-        window = self.settings["LLAMA_RESTART_WINDOW_SECONDS"]
+        window = self.settings.console.restart_window_seconds
         self.crash_times = [t for t in self.crash_times if now - t < window] + [now]
-        limit = self.settings["LLAMA_RESTART_MAX_CRASHES"]
+        limit = self.settings.console.restart_max_crashes
         if len(self.crash_times) >= limit:
             self.echo(
                 f"error: giving up: the backend crashed {len(self.crash_times)} times "
@@ -144,7 +144,7 @@ class ForegroundSupervisor:
                 f"again"
             )
             return None
-        base = self.settings["LLAMA_RESTART_BACKOFF_SECONDS"]
+        base = self.settings.console.restart_backoff_seconds
         return min(base * 2 ** (len(self.crash_times) - 1), MAX_BACKOFF_SECONDS)
 
     def _sleep(self, seconds: float) -> bool:
@@ -161,7 +161,7 @@ def stop_foreground(record: PidRecord, settings: Settings, echo: Callable[[str],
         return True  # a stale record: its pid may belong to someone else now, never signal it
     echo(f"stopping the foreground supervisor (pid {record.pid})")
     os.kill(record.pid, signal.SIGTERM)
-    deadline = time.monotonic() + settings["LLAMA_STOP_GRACE_SECONDS"] + 10
+    deadline = time.monotonic() + settings.console.stop_grace_seconds + 10
     while is_alive(record) and time.monotonic() < deadline:
         time.sleep(0.1)
     return not is_alive(record)

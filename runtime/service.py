@@ -35,12 +35,12 @@ class StartResult:
 
 def model_to_serve(settings: Settings) -> Path:
     """The configured model, resolved and checked to be a readable GGUF file."""
-    return find_readable_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
+    return find_readable_model(settings.server.model, settings.paths.models_dir)
 
 
 def check_ready_to_start(settings: Settings) -> Path:
     """Everything that can be checked before a process is spawned; returns the model."""
-    if not settings["LLAMA_API_KEY"]:
+    if not settings.server.api_key:
         raise ConfigError(
             f"LLAMA_API_KEY is empty (from {settings.source_of('LLAMA_API_KEY')}); set a "
             f"secret there, or delete {settings.paths.config_env} and run ./console.sh start "

@@ -112,7 +112,7 @@ class ProcessSupervisor:
     @property
     def stop_grace_seconds(self) -> float:
         """How long stop waits after SIGTERM before SIGKILL."""
-        return self.settings["LLAMA_STOP_GRACE_SECONDS"]
+        return self.settings.console.stop_grace_seconds
 
     def is_answering(self, url: str, timeout: float = 1.0) -> bool:
         raise NotImplementedError
@@ -179,7 +179,7 @@ class ProcessSupervisor:
         self, launched: Launch, is_cancelled: Callable[[], bool] = lambda: False
     ) -> None:
         """Poll until it answers, the process exits, or the start timeout passes."""
-        timeout = self.settings[self.start_timeout_key]
+        timeout = self.settings.console.start_timeout_seconds
         started = time.monotonic()
         next_progress = started + 10
         while time.monotonic() - started < timeout and not is_cancelled():
@@ -242,8 +242,8 @@ class ProcessSupervisor:
             "-m",
             "runtime.logpump",
             str(self.log_path),
-            str(self.settings["LLAMA_LOG_MAX_BYTES"]),
-            str(self.settings["LLAMA_LOG_BACKUPS"]),
+            str(self.settings.console.log_max_bytes),
+            str(self.settings.console.log_backups),
         ]
         # A session of its own, like the child: the pump reads until the child's pipe
         # closes, so it never outlives it (no orphan to track).
@@ -298,7 +298,7 @@ class BackendSupervisor(ProcessSupervisor):
 
     @property
     def listen_address(self) -> tuple[str, int, str]:
-        return self.settings.backend_host, self.settings["LLAMA_SERVER_PORT"], "LLAMA_SERVER_PORT"
+        return self.settings.backend_host, self.settings.server.port, "LLAMA_SERVER_PORT"
 
     def command(self) -> list[str]:
         return backend.backend_command(self.settings, self._model())

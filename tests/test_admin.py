@@ -20,12 +20,12 @@ from click.testing import CliRunner, Result
 from proxy import store
 from proxy.admin import cli
 from proxy.adminsupport import AdminEnv, parse_duration, parse_since, run
-from proxy.config import DATABASE_KEYS
+from proxy.configschema import DatabaseKeys, keys_of
 from proxy.migrations import migrate
 
 KEY_PATTERN = re.compile(r"lgk_[0-9a-f]{12}_[A-Za-z0-9_-]{43,}")
 UNREACHABLE_DSN = "postgresql://u:sekrit@127.0.0.1:1/x"
-NO_DATABASE_ENV = {key.name: None for key in DATABASE_KEYS}
+NO_DATABASE_ENV = {key.name: None for key in keys_of(DatabaseKeys)}
 
 
 def invoke(dsn: str | None, *args: str, input: str | None = None) -> Result:

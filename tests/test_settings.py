@@ -175,3 +175,9 @@ def test_env_example_lists_every_key():
     text = (CODE_DIR / ".env.example").read_text()
     missing = [key.name for key in KEYS if f"\n{key.name}=" not in text]
     assert missing == []
+
+
+def test_agents_md_documents_every_key_in_its_tables():
+    text = (CODE_DIR / "agents.md").read_text()
+    missing = [key.name for key in KEYS if f"\n| `{key.name}` |" not in text]
+    assert missing == []
