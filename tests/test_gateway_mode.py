@@ -215,3 +215,19 @@ def test_the_gateway_honours_the_restart_flag_as_long_as_a_restart_can_take(tmp_
     gateway = GatewaySupervisor(settings, dsn="postgresql://u@/db?host=/tmp", environ=environ)
     config = load_config(gateway.environment())
     assert config.restart_flag_max_age_seconds == 7 + 600 + 35
+
+
+def test_the_gateway_gets_each_setting_as_written_not_as_the_console_parsed_it(tmp_path):
+    environ = {
+        "LLAMA_PROXY_ENABLED": "yes",
+        "LLAMA_PROXY_RATE_WINDOW_SECONDS": "90",
+        "LLAMA_API_KEY": TEST_API_KEY,
+    }
+    settings = load_settings(Paths(tmp_path), environ=environ)
+    gateway = GatewaySupervisor(settings, dsn="postgresql://u@/db?host=/tmp", environ=environ)
+    passed = gateway.environment()
+    assert (passed["LLAMA_PROXY_ENABLED"], passed["LLAMA_PROXY_RATE_WINDOW_SECONDS"]) == (
+        "yes",
+        "90",
+    )
+    assert load_config(passed).rate_window_seconds == 90.0
