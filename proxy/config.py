@@ -58,7 +58,9 @@ class ProxyConfig(GatewayKeys):
     backend_url: str = setting(
         BACKEND_URL_KEY, "http://127.0.0.1:8000", _parse_url, "the backend's URL"
     )
-    backend_key: str = setting(BACKEND_KEY_KEY, "", parse_text, "the backend's bearer key")
+    backend_key: str = setting(
+        BACKEND_KEY_KEY, "", parse_text, "the backend's bearer key", is_secret=True
+    )
     spool_path: Path = setting(
         SPOOL_KEY, "llama_requests.spool", Path, "request-log rows waiting for PostgreSQL"
     )
@@ -78,7 +80,7 @@ def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:
     try:
         return key.parse(raw.strip())
     except ValueError as error:
-        raise ProxyConfigError(f"invalid {key.name}={raw!r} from {source}: {error}") from None
+        raise ProxyConfigError(f"invalid {key.described(raw)} from {source}: {error}") from None
 
 
 def load_section(section: type[T], environ: Mapping[str, str] | None = None, **others: Any) -> T:

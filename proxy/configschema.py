@@ -41,11 +41,21 @@ class Key:
     parse: Callable[[str], Any]
     help: str
     section: str = ""
+    is_secret: bool = False  # never shown: info hides it, errors leave its value out
+
+    def described(self, raw: str) -> str:
+        """KEY='value' for an error message, or only KEY for a secret."""
+        if self.is_secret:
+            return f"{self.name} (its value is not shown: it may hold a password)"
+        return f"{self.name}={raw!r}"
 
 
-def setting(name: str, default: str, parse: Callable[[str], Any], help: str) -> Any:
+def setting(
+    name: str, default: str, parse: Callable[[str], Any], help: str, is_secret: bool = False
+) -> Any:
     """A dataclass field for one key; its default is the parsed default text."""
-    return field(default=parse(default), metadata={KEY: Key(name, default, parse, help)})
+    key = Key(name, default, parse, help, is_secret=is_secret)
+    return field(default=parse(default), metadata={KEY: key})
 
 
 def key_fields(section: type) -> Iterator[tuple[Field[Any], Key]]:
@@ -102,6 +112,7 @@ class ServerKeys:
         parse_text,
         "the backend's bearer key (generated): clients send it in single-key mode; in "
         "gateway mode only the gateway does",
+        is_secret=True,
     )
     n_ctx: int | None = setting(
         "LLAMA_N_CTX",
@@ -278,6 +289,7 @@ class GatewayKeys:
         parse_text,
         "bearer token for /metrics (without it, /metrics answers only loopback callers that "
         "forward nobody: no Forwarded, X-Forwarded-For or X-Real-IP header)",
+        is_secret=True,
     )
 
 
@@ -288,7 +300,11 @@ class DatabaseKeys:
     TITLE: ClassVar[str] = "Database (leave empty to use the private cluster in runtime/pgdata)"
 
     dsn: str = setting(
-        "POSTGRES_AUTH_DSN", "", parse_dsn, "postgresql://user:password@host:port/db"
+        "POSTGRES_AUTH_DSN",
+        "",
+        parse_dsn,
+        "postgresql://user:password@host:port/db",
+        is_secret=True,
     )
     host: str = setting("POSTGRES_AUTH_HOST", "", parse_text, "database server host")
     port: int | None = setting(
@@ -296,7 +312,9 @@ class DatabaseKeys:
     )
     db: str = setting("POSTGRES_AUTH_DB", "", parse_text, "database name")
     user: str = setting("POSTGRES_AUTH_USER", "", parse_text, "database user")
-    password: str = setting("POSTGRES_AUTH_PASSWORD", "", parse_text, "database password")
+    password: str = setting(
+        "POSTGRES_AUTH_PASSWORD", "", parse_text, "database password", is_secret=True
+    )
 
 
 # The operator's keys, in the order of config.env and .env.example.

@@ -229,4 +229,4 @@ def _parse(key: Key, raw: str, source: str) -> Any:
     except ValueError as error:
         reason = str(error)
         where = f"in {source}" if source.startswith("/") else f"from the {source}"
-        raise ConfigError(f"invalid {key.name}={raw!r} {where}: {reason}; fix it there") from None
+        raise ConfigError(f"invalid {key.described(raw)} {where}: {reason}; fix it there") from None
