@@ -36,6 +36,8 @@ RESTART_FLAG_MAX_AGE_KEY = "LLAMA_PROXY_RESTART_FLAG_MAX_AGE"
 # Without the console's figure: its default start timeout (120 s), stop grace (10 s), the
 # SIGKILL wait (5 s) and a margin. A console killed mid-restart leaves its flag behind.
 DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS = 165.0
+# The name clients see for the model (its alias), filled into requests that name none.
+MODEL_NAME_KEY = "LLAMA_PROXY_MODEL_NAME"
 
 
 class ProxyConfigError(Exception):
@@ -73,6 +75,12 @@ class ProxyConfig(GatewayKeys):
         parse_positive_float,
         "an older restart flag is stale and ignored",
     )
+    # The model's alias, for requests that name no model ("": leave them as they are).
+    model_name: str = setting(MODEL_NAME_KEY, "", parse_text, "the name clients see for the model")
+
+    @property
+    def spool_max_bytes(self) -> int:
+        return self.spool_max_mb * 1024 * 1024
 
 
 def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:

@@ -97,7 +97,7 @@ class ServerKeys:
         "LLAMA_MODEL_ALIAS",
         "",
         parse_text,
-        "name that /v1/models reports for the model (empty: the file path)",
+        "name clients see for the model in /v1/models and answers (empty: its file name)",
     )
     host: str = setting(
         "LLAMA_SERVER_HOST",
@@ -260,8 +260,30 @@ class GatewayKeys:
         "LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS",
         "30",
         parse_positive_float,
-        "how long a client may take to send a request: a body still arriving after this "
-        "gets 408, and a connection without a whole request head by then is closed",
+        "how long a client may take to send a request (a body still arriving after this "
+        "gets 408, and a connection without a whole request head by then is closed), and "
+        "to take each part of an answer (else the request is cut off and logged 499)",
+    )
+    request_max_seconds: float = setting(
+        "LLAMA_PROXY_REQUEST_MAX_SECONDS",
+        "600",
+        parse_positive_float,
+        "longest one request may hold the backend: a longer answer is cut off (504, or an "
+        "error event in a stream)",
+    )
+    max_tokens: int = setting(
+        "LLAMA_PROXY_MAX_TOKENS",
+        "4096",
+        parse_non_negative_int,
+        "ceiling on max_tokens of a completion: more gets 400, none asked for gets this "
+        "(0: no ceiling)",
+    )
+    me_cache_seconds: float = setting(
+        "LLAMA_PROXY_ME_CACHE_SECONDS",
+        "1",
+        parse_positive_float,
+        "how long /v1/me answers a user's limits and usage from memory before asking the "
+        "database again",
     )
     drain_seconds: float = setting(
         "LLAMA_PROXY_DRAIN_SECONDS",
@@ -282,6 +304,26 @@ class GatewayKeys:
         parse_non_negative_int,
         "refused keys (401) one client address may cause per minute, in a burst or spread "
         "out; past it the address gets 429, except for keys the gateway knows valid (0: off)",
+    )
+    db_command_timeout_seconds: float = setting(
+        "LLAMA_PROXY_DB_COMMAND_TIMEOUT_SECONDS",
+        "5",
+        parse_positive_float,
+        "longest wait for one database query; past it the database counts as unavailable "
+        "(cached keys, local rate limits, spooled log rows) instead of hanging requests",
+    )
+    db_acquire_timeout_seconds: float = setting(
+        "LLAMA_PROXY_DB_ACQUIRE_TIMEOUT_SECONDS",
+        "5",
+        parse_positive_float,
+        "longest wait for a free database connection; past it the database counts as unavailable",
+    )
+    spool_max_mb: int = setting(
+        "LLAMA_PROXY_SPOOL_MAX_MB",
+        "512",
+        parse_positive_int,
+        "largest size of the request-log spool file (rows waiting for the database); "
+        "rows beyond it are dropped and counted",
     )
     metrics_token: str = setting(
         "LLAMA_PROXY_METRICS_TOKEN",
