@@ -40,7 +40,9 @@ from proxy.spool import Spool, append_lines
 
 pytest_plugins = ["gatewayfixture"]
 
-OUTAGE_GRACE_SECONDS = 2.0
+# Long enough to cover stopping the cluster on a loaded machine (up to ~3 s seen) plus the
+# listener's 2 s between confirmed contacts, from which the grace counts.
+OUTAGE_GRACE_SECONDS = 8.0
 CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 DEADLINE = 20.0  # generous: 2 shared cores; only there to turn a hang into a failure
 
