@@ -7,11 +7,11 @@ import json
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 import openai
 from conftest import CODE_DIR, TEST_API_KEY, wait_for
 
+from runtime import proctable
 from runtime.procs import terminate_group
 from runtime.settings import Paths, load_settings
 from runtime.supervisor import BackendSupervisor
@@ -55,25 +55,18 @@ def test_pid_file_naming_another_program_is_not_trusted(home):
 
 def sigterm_is_ignored(pid: int) -> bool:
     """True once the process has set SIGTERM to be ignored (its SigIgn mask in /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
-    return False
+    return bool(int(proctable.status_value(pid, "SigIgn"), 16) & (1 << (signal.SIGTERM - 1)))
 
 
 def live_members_of_group(pgid: int) -> list[int]:
     """Pids of the group's processes that still run (zombies waiting for a reaper do not)."""
     members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in proctable.all_pids():
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if proctable.process_group(pid) == pgid and proctable.state(pid) != "Z":
+                members.append(pid)
         except OSError:
             continue
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            members.append(int(entry.name))
     return members
 
 
