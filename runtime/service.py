@@ -28,10 +28,6 @@ FOREGROUND_PIDFILE = "supervisor.pid"
 Echo = Callable[[str], None]
 
 
-def never() -> bool:
-    return False
-
-
 @dataclass(frozen=True)
 class StartResult:
     status: ComponentStatus  # the backend
@@ -39,20 +35,15 @@ class StartResult:
     gateway: ComponentStatus | None = None
 
 
-def model_to_serve(settings: Settings) -> Path:
-    """The configured model, resolved and checked to be a readable GGUF file."""
-    return find_readable_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
-
-
 def check_ready_to_start(settings: Settings) -> Path:
-    """Everything that can be checked before a process is spawned; returns the model."""
+    """Everything that can be checked before a process is spawned; the model, if readable."""
     if not settings["LLAMA_API_KEY"]:
         raise ConfigError(
             f"LLAMA_API_KEY is empty (from {settings.source_of('LLAMA_API_KEY')}); set a "
             f"secret there, or delete {settings.paths.config_env} and run ./console.sh start "
             f"to generate one"
         )
-    return model_to_serve(settings)
+    return find_readable_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
 
 
 class Stack:
@@ -67,7 +58,7 @@ class Stack:
         self.gateway = GatewaySupervisor(settings, echo=echo) if is_gateway_mode else None
 
     def start(
-        self, is_cancelled: Callable[[], bool] = never, *, restart: bool = False
+        self, is_cancelled: Callable[[], bool] = lambda: False, *, restart: bool = False
     ) -> StartResult:
         """Start each part that does not serve (restart: the backend in any case); in order.
 
