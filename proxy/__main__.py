@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 
@@ -11,6 +12,17 @@ from proxy.app import make_app
 from proxy.config import ProxyConfigError, load_config
 from proxy.server import server_options
 from proxy.store import StoreError
+
+
+async def freeze_startup_heap(app: web.Application) -> None:
+    """Exempt what import and startup built from garbage collection, which never frees it.
+
+    A full collection walks every object; with these out of the way it takes a few
+    milliseconds instead of tens, so it cannot hold up the event loop (and /healthz)
+    while a replay of the spool churns through rows.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def main() -> int:
@@ -27,8 +39,10 @@ def main() -> int:
     try:
         # SIGTERM/SIGINT: stop listening, let requests in flight finish for up to
         # drain_seconds, then run the cleanup contexts (which flush the request log).
+        app = make_app(config)
+        app.on_startup.append(freeze_startup_heap)  # after the resources' cleanup contexts
         web.run_app(
-            make_app(config),
+            app,
             host=config.host,
             port=config.port,
             **server_options(config),

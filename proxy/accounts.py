@@ -354,8 +354,8 @@ async def usage(
     rows = await conn.fetch(
         """
         SELECT username,
-               count(*) AS requests,
-               count(*) FILTER (WHERE status_code >= 400) AS errors,
+               sum(repeat_count) AS requests,  -- folded anonymous refusals count each
+               coalesce(sum(repeat_count) FILTER (WHERE status_code >= 400), 0) AS errors,
                coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
                coalesce(sum(completion_tokens), 0) AS completion_tokens,
                avg(duration_ms) AS avg_duration_ms,

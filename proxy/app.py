@@ -19,17 +19,23 @@ from proxy import appkeys, handlers, store
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
+from proxy.deadlines import Deadlines
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
 from proxy.inflight import InFlightRequests
+from proxy.me import me
 from proxy.metrics import Metrics
 from proxy.queue import FairQueue
 from proxy.ratelimit import SharedLimiter
 from proxy.readiness import ReadinessCache
 from proxy.recheck import note_response
-from proxy.requestlog import RequestLog, Spool
+from proxy.requestlog import RequestLog
 from proxy.revocation import RevocationWatch
+from proxy.spool import Spool
+from proxy.usercache import UserFiguresCache
 
 log = logging.getLogger(__name__)
+
+PROBE_TIMEOUT_SECONDS = 2.0  # the request log's "is the database back?" query
 
 
 def make_app(config: ProxyConfig) -> web.Application:
@@ -39,6 +45,7 @@ def make_app(config: ProxyConfig) -> web.Application:
     )
     app[appkeys.CONFIG] = config
     app[appkeys.MODELS_CACHE] = {}
+    app[appkeys.ME_CACHE] = UserFiguresCache(config.me_cache_seconds)
     queue = FairQueue(
         config.backend_concurrency,
         config.queue_max_per_user,
@@ -60,24 +67,34 @@ def make_app(config: ProxyConfig) -> web.Application:
 def add_routes(app: web.Application) -> None:
     for route in JSON_ROUTES:
         app.router.add_post(route, handlers.forward_json)
-    app.router.add_get(MODELS_ROUTE, handlers.list_models)
+    # GET only: a HEAD answer has no body, and cached it would empty every GET after it.
+    # llama_cpp.server answers HEAD with 405 too, so nothing is lost.
+    app.router.add_get(MODELS_ROUTE, handlers.list_models, allow_head=False)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/v1/me", handlers.me)
+    app.router.add_get("/v1/me", me)
 
 
 async def database(app: web.Application) -> AsyncIterator[None]:
-    pool = await store.create_pool(app[appkeys.CONFIG].dsn)
+    config = app[appkeys.CONFIG]
+    pool = await store.create_pool(
+        config.dsn,
+        command_timeout=config.db_command_timeout_seconds,
+        acquire_timeout=config.db_acquire_timeout_seconds,
+    )
     app[appkeys.POOL] = pool
     yield
     await pool.close()
 
 
 async def request_log(app: web.Application) -> AsyncIterator[None]:
-    pool = app[appkeys.POOL]
+    pool, config = app[appkeys.POOL], app[appkeys.CONFIG]
     journal = RequestLog(
-        lambda rows: store.insert_requests(pool, rows), Spool(app[appkeys.CONFIG].spool_path)
+        lambda rows: store.insert_requests(pool, rows),
+        Spool(config.spool_path, config.spool_max_bytes),
+        probe=lambda: pool.fetchval("SELECT 1", timeout=PROBE_TIMEOUT_SECONDS),
+        on_dropped=app[appkeys.METRICS].log_rows_dropped.inc,
     )
     app[appkeys.REQUEST_LOG] = journal
     flusher = asyncio.create_task(journal.run())
@@ -124,6 +141,7 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         config.restart_flag,
         on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
         restart_flag_max_age=config.restart_flag_max_age_seconds,
+        deadlines=Deadlines(config.client_timeout_seconds, config.request_max_seconds),
     )
     yield
     await session.close()

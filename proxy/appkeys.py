@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncpg
 from aiohttp import web
 
 from proxy.auth import Authenticator
@@ -15,9 +14,11 @@ from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
 from proxy.readiness import ReadinessCache
 from proxy.requestlog import RequestLog, RequestRecord
+from proxy.store import TimedPool
+from proxy.usercache import UserFiguresCache
 
 CONFIG = web.AppKey("config", ProxyConfig)
-POOL = web.AppKey("pool", asyncpg.Pool)
+POOL = web.AppKey("pool", TimedPool)
 QUEUE = web.AppKey("queue", FairQueue)
 METRICS = web.AppKey("metrics", Metrics)
 REQUEST_LOG = web.AppKey("request_log", RequestLog)
@@ -28,6 +29,7 @@ MODELS_CACHE = web.AppKey("models_cache", dict)
 INFLIGHT = web.AppKey("inflight", InFlightRequests)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 READINESS = web.AppKey("readiness", ReadinessCache)
+ME_CACHE = web.AppKey("me_cache", UserFiguresCache)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)

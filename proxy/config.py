@@ -195,8 +195,33 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         "LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS",
         "30",
         parse_positive_float,
-        "how long a client may take to send a request: a body still arriving after this "
-        "gets 408, and a connection without a whole request head by then is closed",
+        "how long a client may take to send a request (a body still arriving after this "
+        "gets 408, and a connection without a whole request head by then is closed), and "
+        "to take each part of an answer (else the request is cut off and logged 499)",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_REQUEST_MAX_SECONDS",
+        "600",
+        parse_positive_float,
+        "longest one request may hold the backend: a longer answer is cut off (504, or an "
+        "error event in a stream)",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_MAX_TOKENS",
+        "4096",
+        parse_non_negative_int,
+        "ceiling on max_tokens of a completion: more gets 400, none asked for gets this "
+        "(0: no ceiling)",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_ME_CACHE_SECONDS",
+        "1",
+        parse_positive_float,
+        "how long /v1/me answers a user's limits and usage from memory before asking the "
+        "database again",
         GATEWAY,
     ),
     Key(
@@ -220,6 +245,29 @@ GATEWAY_KEYS: tuple[Key, ...] = (
         parse_non_negative_int,
         "refused keys (401) one client address may cause per minute, in a burst or spread "
         "out; past it the address gets 429, except for keys the gateway knows valid (0: off)",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_DB_COMMAND_TIMEOUT_SECONDS",
+        "5",
+        parse_positive_float,
+        "longest wait for one database query; past it the database counts as unavailable "
+        "(cached keys, local rate limits, spooled log rows) instead of hanging requests",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_DB_ACQUIRE_TIMEOUT_SECONDS",
+        "5",
+        parse_positive_float,
+        "longest wait for a free database connection; past it the database counts as unavailable",
+        GATEWAY,
+    ),
+    Key(
+        "LLAMA_PROXY_SPOOL_MAX_MB",
+        "512",
+        parse_positive_int,
+        "largest size of the request-log spool file (rows waiting for the database); "
+        "rows beyond it are dropped and counted",
         GATEWAY,
     ),
     Key(
@@ -250,6 +298,8 @@ RESTART_FLAG_MAX_AGE_KEY = "LLAMA_PROXY_RESTART_FLAG_MAX_AGE"
 # Without the console's figure: its default start timeout (120 s), stop grace (10 s), the
 # SIGKILL wait (5 s) and a margin. A console killed mid-restart leaves its flag behind.
 DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS = 165.0
+# The name clients see for the model (its alias), filled into requests that name none.
+MODEL_NAME_KEY = "LLAMA_PROXY_MODEL_NAME"
 
 
 @dataclass(frozen=True)
@@ -278,6 +328,18 @@ class ProxyConfig:
     client_timeout_seconds: float = 30.0
     restart_flag_max_age_seconds: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
     auth_failures_per_minute: int = 60
+    request_max_seconds: float = 600.0
+    max_tokens: int = 4096
+    me_cache_seconds: float = 1.0
+    # The model's alias, for requests that name no model ("": leave them as they are).
+    model_name: str = ""
+    db_command_timeout_seconds: float = 5.0
+    db_acquire_timeout_seconds: float = 5.0
+    spool_max_mb: int = 512
+
+    @property
+    def spool_max_bytes(self) -> int:
+        return self.spool_max_mb * 1024 * 1024
 
 
 def parse_key(key: Key, raw: str, source: str = "the environment") -> Any:
@@ -353,6 +415,13 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
         metrics_token=values["LLAMA_PROXY_METRICS_TOKEN"],
         client_timeout_seconds=values["LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"],
         auth_failures_per_minute=values["LLAMA_PROXY_AUTH_FAILURES_PER_MINUTE"],
+        request_max_seconds=values["LLAMA_PROXY_REQUEST_MAX_SECONDS"],
+        max_tokens=values["LLAMA_PROXY_MAX_TOKENS"],
+        me_cache_seconds=values["LLAMA_PROXY_ME_CACHE_SECONDS"],
+        model_name=environ.get(MODEL_NAME_KEY, ""),
+        db_command_timeout_seconds=values["LLAMA_PROXY_DB_COMMAND_TIMEOUT_SECONDS"],
+        db_acquire_timeout_seconds=values["LLAMA_PROXY_DB_ACQUIRE_TIMEOUT_SECONDS"],
+        spool_max_mb=values["LLAMA_PROXY_SPOOL_MAX_MB"],
     )
 
 

@@ -3,7 +3,8 @@
 Only the fixed route path is sent upstream (never the client's raw path or query), with
 the internal backend key instead of the client's credentials. Server-sent events are
 written through chunk by chunk as they arrive. If the client goes away mid-stream the
-upstream response is closed, which makes llama_cpp.server stop generating.
+upstream response is closed, which makes llama_cpp.server stop generating. So it is if
+the client stops reading, or the answer runs past its time cap (proxy/deadlines.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,15 @@ import aiohttp
 from aiohttp import web
 
 from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
+from proxy.deadlines import (
+    TOO_LONG_CODE,
+    ClientTooSlow,
+    Deadlines,
+    drop_client,
+    finish_within,
+    within_cap,
+    write_within,
+)
 from proxy.errors import GatewayError, bad_gateway, error_body, unavailable
 from proxy.requestlog import RequestRecord
 
@@ -104,6 +114,7 @@ class Forwarder:
         restart_flag: Path | None,
         on_restart_wait: Callable[[], None] = lambda: None,
         restart_flag_max_age: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS,
+        deadlines: Deadlines | None = None,
     ) -> None:
         self.session = session
         self.backend_url = backend_url
@@ -113,6 +124,7 @@ class Forwarder:
         self.on_restart_wait = on_restart_wait
         self.restart_flag_max_age = restart_flag_max_age
         self._ignored_flag_mtime: float | None = None
+        self.deadlines = deadlines or Deadlines()
 
     def is_restarting(self) -> bool:
         """True while the console restarts the backend (it keeps a flag file meanwhile).
@@ -152,12 +164,15 @@ class Forwarder:
             # Bytes are relayed as they come; a compressed answer would need its header too.
             "Accept-Encoding": "identity",
         }
-        upstream = await self._send(request.method, route, body, headers)
+        deadline = asyncio.get_running_loop().time() + self.deadlines.request_max_seconds
+        async with within_cap(deadline, self.deadlines):
+            upstream = await self._send(request.method, route, body, headers)
         async with upstream:
             content_type = upstream.headers.get("Content-Type", "application/json")
             if content_type.startswith("text/event-stream"):
-                return await self._relay_stream(request, upstream, content_type, record)
-            return await self._relay_whole(upstream, content_type, record)
+                return await self._relay_stream(request, upstream, content_type, record, deadline)
+            async with within_cap(deadline, self.deadlines):
+                return await self._relay_whole(upstream, content_type, record)
 
     async def _send(
         self, method: str, route: str, body: bytes, headers: dict[str, str]
@@ -216,6 +231,7 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         content_type: str,
         record: RequestRecord,
+        deadline: float,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status,
@@ -227,34 +243,73 @@ class Forwarder:
         )
         await response.prepare(request)
         counter = UsageCounter()
+        cap = asyncio.timeout_at(deadline)
         try:
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-                record.response_bytes += len(chunk)
-                counter.feed_stream(chunk)
-                if counter.saw_done:
-                    # The answer is complete. Clients (the openai one among them) hang up
-                    # right after [DONE]; waiting for the backend's end of stream first
-                    # would race that hang-up and log a finished answer as cut short.
-                    break
+            async with cap:
+                await self._pass_chunks(upstream, response, record, counter)
+        except ClientTooSlow as slow:
+            # Leaving the `async with upstream` closes the upstream, so generation stops.
+            self._drop_slow_client(request, record, slow)
+            return response
         except ConnectionResetError:
             # The client went away: leaving the `async with` closes the upstream too.
             record.status_code = CLIENT_GONE
             record.error = "client disconnected mid-stream"
             return response
         except (aiohttp.ClientError, TimeoutError) as error:
-            # The client saw 200 long ago, but the log must not count this as served.
-            record.status_code = 504 if isinstance(error, TimeoutError) else 502
-            record.error = f"the backend broke off the stream ({type(error).__name__})"
-            log.warning("request %s: %s", record.request_id, record.error)
-            # Tell the client in the stream itself; the status line has long been sent.
-            event = b"data: " + error_body(record.error, "server_error", "backend_failed")
-            with contextlib.suppress(ConnectionResetError):
-                await response.write(event + b"\n\n")
+            await self._end_with_error(response, record, error, is_over_cap=cap.expired())
         finally:
             counter.finish_stream()
             record.prompt_tokens = counter.prompt_tokens
             record.completion_tokens = counter.completion_tokens
-        with contextlib.suppress(ConnectionResetError):
-            await response.write_eof()  # the client may already have hung up after [DONE]
+        try:
+            await finish_within(response, self.deadlines.client_write_seconds)
+        except ConnectionResetError:
+            pass  # the client may already have hung up after [DONE]
+        except ClientTooSlow as slow:
+            self._drop_slow_client(request, record, slow)
         return response
+
+    async def _pass_chunks(
+        self,
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        record: RequestRecord,
+        counter: UsageCounter,
+    ) -> None:
+        async for chunk in upstream.content.iter_any():
+            await write_within(response, chunk, self.deadlines.client_write_seconds)
+            record.response_bytes += len(chunk)
+            counter.feed_stream(chunk)
+            if counter.saw_done:
+                # The answer is complete. Clients (the openai one among them) hang up
+                # right after [DONE]; waiting for the backend's end of stream first
+                # would race that hang-up and log a finished answer as cut short.
+                return
+
+    async def _end_with_error(
+        self,
+        response: web.StreamResponse,
+        record: RequestRecord,
+        error: Exception,
+        is_over_cap: bool,
+    ) -> None:
+        """Log a stream that ended badly as not served, and tell the client in the stream."""
+        code = "backend_failed"
+        if is_over_cap:
+            record.status_code, record.error = 504, self.deadlines.too_long_message()
+            code = TOO_LONG_CODE
+        else:
+            record.status_code = 504 if isinstance(error, TimeoutError) else 502
+            record.error = f"the backend broke off the stream ({type(error).__name__})"
+        log.warning("request %s: %s", record.request_id, record.error)
+        # The status line has long been sent, so the error goes into the stream itself.
+        event = b"data: " + error_body(record.error, "server_error", code)
+        with contextlib.suppress(ConnectionResetError, ClientTooSlow):
+            await write_within(response, event + b"\n\n", self.deadlines.client_write_seconds)
+
+    @staticmethod
+    def _drop_slow_client(request: web.Request, record: RequestRecord, slow: ClientTooSlow) -> None:
+        record.status_code, record.error = CLIENT_GONE, str(slow)
+        log.info("request %s: %s", record.request_id, record.error)
+        drop_client(request)

@@ -18,11 +18,12 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from proxy import appkeys, store
 from proxy.auth import Identity, extract_key
-from proxy.errors import GatewayError, error_response, not_found, unavailable
+from proxy.errors import GatewayError, error_response, not_found
 from proxy.forward import CLIENT_GONE
 from proxy.inflight import run_unless_ended
 from proxy.queue import QueueFull, QueueRejected
 from proxy.recheck import end_in_flight, recheck_at_grant
+from proxy.requestbody import GENERATION_ROUTES, rewrite_body
 from proxy.requestlog import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,10 @@ log = logging.getLogger(__name__)
 # Probes are not requests for the model: they would drown the log.
 UNLOGGED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 MODELS_CACHE_SECONDS = 60.0
-GENERATION_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions"})
 FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
+EMBEDDINGS_ROUTE = "/v1/embeddings"
+# What llama_cpp.server 0.3 says (in a 500) to /v1/embeddings when started without them.
+EMBEDDINGS_OFF_SIGN = b"must be created with embedding=True"
 
 
 @web.middleware
@@ -191,7 +194,10 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def read_json_body(request: web.Request) -> bytes:
-    """The body, checked to be a JSON object within the size limit; notes model and stream."""
+    """The body, checked to be a JSON object within the size limit; notes model and stream.
+
+    The body returned is what the backend gets: see proxy/requestbody.py.
+    """
     body = await read_body(request)
     record = request[appkeys.RECORD]
     record.request_bytes = len(body)
@@ -205,7 +211,8 @@ async def read_json_body(request: web.Request) -> bytes:
         record.model = parsed["model"][:200]
     if request.path in GENERATION_ROUTES:
         record.stream = parsed.get("stream") is True
-    return body
+    config = request.app[appkeys.CONFIG]
+    return rewrite_body(request.path, parsed, body, config.max_tokens, config.model_name)
 
 
 async def forward_json(request: web.Request) -> web.StreamResponse:
@@ -213,7 +220,26 @@ async def forward_json(request: web.Request) -> web.StreamResponse:
     identity = await authenticate(request)
     await enforce_rate_limit(request, identity)
     body = await read_json_body(request)
-    return await forward_in_turn(request, identity, body)
+    response = await forward_in_turn(request, identity, body)
+    if request.path == EMBEDDINGS_ROUTE:
+        refuse_if_embeddings_are_off(response)
+    return response
+
+
+def refuse_if_embeddings_are_off(response: web.StreamResponse) -> None:
+    """A 400 that says how to turn embeddings on, instead of the backend's bare 500.
+
+    The backend's own answer decides, not how the console started it: the gateway stays
+    up while the backend restarts with other flags.
+    """
+    body = response.body if isinstance(response, web.Response) else None
+    if response.status == 500 and isinstance(body, bytes) and EMBEDDINGS_OFF_SIGN in body:
+        raise GatewayError(
+            400,
+            "this model was started without embeddings; the operator can enable them by "
+            "adding --embedding true to LLAMA_EXTRA_ARGS and running ./console.sh restart",
+            code="embeddings_disabled",
+        )
 
 
 async def forward_in_turn(
@@ -330,30 +356,3 @@ def _may_read_metrics(request: web.Request) -> bool:
         return ipaddress.ip_address(request.remote or "").is_loopback
     except ValueError:
         return False
-
-
-async def me(request: web.Request) -> web.Response:
-    """GET /v1/me: the caller's own name, limit, remaining allowance and usage."""
-    identity = await authenticate(request)
-    app = request.app
-    config = app[appkeys.CONFIG]
-    limit = identity.rate_limit or config.rate_limit
-    try:
-        used = await store.count_rate_slots(
-            app[appkeys.POOL], identity.username, config.rate_window_seconds
-        )
-        usage = await store.user_usage(app[appkeys.POOL], identity.username, hours=24)
-    except store.UNAVAILABLE_ERRORS:
-        raise unavailable("the database is unreachable; try again shortly", 5, "db_down") from None
-    return web.json_response(
-        {
-            "username": identity.username,
-            "key_id": identity.key_id,
-            "rate_limit": {
-                "limit": limit,
-                "window_seconds": config.rate_window_seconds,
-                "remaining": max(limit - used, 0),
-            },
-            "usage_last_24h": usage,
-        }
-    )

@@ -66,6 +66,12 @@ class Metrics:
             "Requests that waited for the backend to come back from a restart",
             registry=self.registry,
         )
+        self.log_rows_dropped = Counter(
+            "llamagate_request_log_dropped_rows",
+            "Request-log rows lost: the database was unavailable and the spool was full "
+            "(LLAMA_PROXY_SPOOL_MAX_MB) or unwritable and memory full",
+            registry=self.registry,
+        )
         waiting = Gauge("llamagate_queue_waiting", "Requests waiting", registry=self.registry)
         waiting.set_function(lambda: queue_stats().waiting)
         active = Gauge("llamagate_queue_active", "Requests at the backend", registry=self.registry)

@@ -221,6 +221,19 @@ async def m005_notify_on_truncate(conn: asyncpg.Connection) -> None:
     )
 
 
+async def m006_request_repeat_count(conn: asyncpg.Connection) -> None:
+    # Repeated anonymous refusals (401, 404) from one client are folded into one row
+    # (proxy/refusals.py); this says how many requests the row stands for. A constant
+    # default: no table rewrite, instant even on a large log.
+    await conn.execute(
+        """
+        ALTER TABLE llama_requests
+            ADD COLUMN IF NOT EXISTS repeat_count integer NOT NULL DEFAULT 1
+            CHECK (repeat_count >= 1)
+        """
+    )
+
+
 Migration = Callable[[asyncpg.Connection], Awaitable[None]]
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, m001_users_keys_requests),
@@ -228,6 +241,7 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (3, m003_shared_rate_windows),
     (4, m004_rate_slot_leases),
     (5, m005_notify_on_truncate),
+    (6, m006_request_repeat_count),
 )
 
 

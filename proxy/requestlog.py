@@ -1,31 +1,36 @@
 """The request log: one row per request in llama_requests, written off the request path.
 
 Requests only append a tuple to a buffer. A background task writes the buffer in
-batches (one INSERT ... SELECT unnest per batch). If PostgreSQL is unreachable the batch
-is appended to a local spool file (JSON lines, fsynced) and replayed, oldest first,
-once the database answers again; the request_id is unique, so a replay that is cut
-short and repeated inserts nothing twice. Closing flushes what is left.
+batches (one INSERT ... SELECT unnest per batch). If PostgreSQL is unavailable
+(proxy/outage.py), batches go to the spool (proxy/spool.py), and while the database is
+known to be down the log only appends there: it tries the database again with one cheap
+probe a second, not with the rows. Once the probe answers, the spool is replayed, oldest
+first, in chunks read on the spool's thread, at most REPLAY_SECONDS_PER_FLUSH per flush,
+so that the event loop keeps answering; new rows wait in memory behind the replay. Rows
+the database refuses for good (data errors) are set aside in a `.rejected` file. Closing
+flushes what is left, to the spool if need be. Repeated anonymous refusals are folded
+into one row each second (proxy/refusals.py).
 
 If the spool cannot be written either (a full or read-only disk), rows wait in memory,
-up to MAX_BUFFERED_ROWS; beyond that the oldest are dropped, counted and reported, so
-that a long outage cannot exhaust the gateway's memory.
+up to MAX_BUFFERED_ROWS; beyond that, as beyond the spool's size cap, rows are dropped,
+counted (on_dropped feeds /metrics) and reported, so that a long outage cannot exhaust
+the gateway's memory or disk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-
-import asyncpg
 
 from proxy import store
+from proxy.outage import Failure, classify
+from proxy.refusals import RefusalFolder
+from proxy.spool import Row, Spool
 
 log = logging.getLogger(__name__)
 
@@ -33,103 +38,53 @@ FLUSH_INTERVAL_SECONDS = 0.2
 BATCH_MAX_ROWS = 2000
 # About 1 KB each: tens of MB at most, and hours of traffic for one model.
 MAX_BUFFERED_ROWS = 50_000
-CREATED_AT = store.REQUEST_COLUMNS.index("created_at")
+PROBE_INTERVAL_SECONDS = 1.0  # while the database is down: how often to try it again
+REPLAY_SECONDS_PER_FLUSH = 1.0  # then the new rows get their turn
+# Smaller than a batch: encoding a chunk for asyncpg runs on the event loop, in one go.
+REPLAY_CHUNK_ROWS = 500
 
-Row = tuple
 InsertRows = Callable[[Sequence[Row]], Awaitable[None]]
-
-
-class Spool:
-    """An append-only file of rows that could not be written, for replay."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.error: str | None = None  # the last write failure, for /readyz
-
-    def append(self, rows: Sequence[Row]) -> bool:
-        """Write rows durably; False (and `error` set) if the disk refused."""
-        lines = "".join(json.dumps(_encode(row)) + "\n" for row in rows)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as spool:
-                spool.write(lines)
-                spool.flush()
-                os.fsync(spool.fileno())
-        except OSError as error:
-            message = f"cannot write the spool file {self.path}: {error.strerror}"
-            if message != self.error:  # once per failure, not at every flush
-                log.error("request log: %s; rows are kept in memory meanwhile", message)
-            self.error = message
-            return False
-        self.error = None
-        return True
-
-    def has_rows(self) -> bool:
-        try:
-            return self.path.stat().st_size > 0
-        except OSError:
-            return False
-
-    def read_batches(self, size: int) -> list[list[Row]]:
-        """Every complete row in the file, in batches; a torn last line is skipped.
-
-        Raises OSError if the file cannot be read.
-        """
-        rows: list[Row] = []
-        with open(self.path, encoding="utf-8") as spool:
-            for number, line in enumerate(spool, 1):
-                try:
-                    rows.append(_decode(json.loads(line)))
-                except (ValueError, TypeError):
-                    log.warning("request log: skipping unreadable spool line %d", number)
-        return [rows[i : i + size] for i in range(0, len(rows), size)]
-
-    def remove(self) -> None:
-        """Delete the replayed file; if that fails, its rows are replayed again (no harm)."""
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            log.error("request log: cannot remove the replayed spool %s: %s", self.path, error)
-
-
-def _encode(row: Row) -> list:
-    encoded = list(row)
-    encoded[CREATED_AT] = row[CREATED_AT].isoformat()
-    return encoded
-
-
-def _decode(values: list) -> Row:
-    if len(values) != len(store.REQUEST_COLUMNS):
-        raise ValueError("wrong number of columns")
-    values[CREATED_AT] = datetime.fromisoformat(values[CREATED_AT])
-    return tuple(values)
+Probe = Callable[[], Awaitable[object]]
 
 
 class RequestLog:
     """Buffers rows and writes them in the background; see the module docstring."""
 
-    def __init__(self, insert_rows: InsertRows, spool: Spool) -> None:
+    def __init__(
+        self,
+        insert_rows: InsertRows,
+        spool: Spool,
+        probe: Probe | None = None,
+        on_dropped: Callable[[int], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.insert_rows = insert_rows
         self.spool = spool
+        self.probe = probe  # None: the next insert itself is the probe
+        self.on_dropped = on_dropped
+        self.clock = clock
         self.buffer: list[Row] = []
+        self.folder = RefusalFolder(clock)
         self.wakeup = asyncio.Event()
         self.is_database_down = False
+        self.next_probe_at = 0.0
         self.written = 0
-        self.dropped = 0  # rows lost because neither the database nor the disk took them
+        self.dropped = 0  # rows lost: over the spool's cap, or neither disk nor memory took them
         self.reported_dropped = 0
+        self.last_refusal = ""
 
     @property
     def problem(self) -> str | None:
         """Why rows cannot be saved right now, for /readyz; None when all is well."""
         error = self.spool.error
         if error and self.dropped:
-            error += f"; {self.dropped} rows dropped (over {MAX_BUFFERED_ROWS} held in memory)"
+            error += f"; {self.dropped} rows dropped"
         return error
 
     def add(self, row: Row) -> None:
         """Queue one row; never blocks, never fails."""
+        if self.folder.absorbs(row):
+            return  # a repeated anonymous refusal: counted in one row, written later
         self.buffer.append(row)
         if len(self.buffer) >= BATCH_MAX_ROWS:
             self.wakeup.set()
@@ -148,6 +103,7 @@ class RequestLog:
 
     async def flush(self) -> None:
         """Replay the spool if there is one, then write the buffer; spool it on failure."""
+        self.buffer.extend(self.folder.due())
         rows, self.buffer = self.buffer, []
         try:
             is_saved = await self._write(rows)
@@ -160,85 +116,162 @@ class RequestLog:
             self.spool.error = None  # everything reached the database: nothing to report
         self._report_dropped()
 
+    async def close(self) -> None:
+        """Write everything still buffered: to the database, else to the spool."""
+        self.buffer.extend(self.folder.due(is_closing=True))
+        await self.flush()
+        if self.buffer:  # behind an unfinished replay, or the database is down
+            rows, self.buffer = self.buffer, []
+            await self._spool(rows)
+        if self.buffer:
+            log.error("request log: %d rows could not be saved at shutdown", len(self.buffer))
+        self._report_dropped()
+        self.spool.close()
+
     async def _write(self, rows: list[Row]) -> bool:
         """Write rows (after the spool); False if some had to be kept for later."""
-        if self.spool.has_rows() and not await self._replay_spool():
-            self._keep(rows)
+        if not await self._is_worth_trying():
+            await self._keep(rows)
+            return False
+        if await self._spool_has_rows() and not await self._replay_spool():
+            await self._keep(rows)
             return False
         for start in range(0, len(rows), BATCH_MAX_ROWS):
             batch = rows[start : start + BATCH_MAX_ROWS]
             if not await self._insert(batch):
-                self._keep(rows[start:])
+                await self._keep(rows[start:])
                 return False
         return True
 
-    async def close(self) -> None:
-        """Write everything still buffered (to the spool if the database is down)."""
-        await self.flush()
-        if self.buffer:
-            log.error("request log: %d rows could not be saved at shutdown", len(self.buffer))
+    async def _is_worth_trying(self) -> bool:
+        """Up, or down but answering the probe that is due; else rows only go to the spool."""
+        if not self.is_database_down:
+            return True
+        now = self.clock()
+        if now < self.next_probe_at:
+            return False
+        self.next_probe_at = now + PROBE_INTERVAL_SECONDS
+        if self.probe is None:
+            return True
+        try:
+            await self.probe()
+        except Exception as error:  # whatever the reason, it cannot take rows now
+            log.debug("request log: the database probe failed: %r", error)
+            return False
+        return True
 
     async def _insert(self, batch: Sequence[Row]) -> bool:
+        """Insert one batch; False if it must be kept for later."""
         try:
             await self.insert_rows(batch)
-        except store.UNAVAILABLE_ERRORS as error:
+        except Exception as error:
+            failure = classify(error)
+            if failure is Failure.DATA:
+                # Refused for ever: set aside for the operator, so that they do not
+                # block every later row behind them.
+                await self._set_aside(batch, error)
+                return True
+            if failure is Failure.OTHER and str(error) != self.last_refusal:
+                # A schema or permission problem: the rows are fine, keep them.
+                log.error("request log: the database refuses rows (%s); keeping them", error)
+                self.last_refusal = str(error)
             self._note_database(is_down=True, error=error)
             return False
-        except asyncpg.PostgresError as error:
-            # Rows the database refuses will be refused forever: set them aside for the
-            # operator instead of blocking every later row behind them.
-            rejected = Spool(self.spool.path.with_suffix(".rejected"))
-            rejected.append(batch)
-            log.error(
-                "request log: %d rows refused (%s); kept in %s", len(batch), error, rejected.path
-            )
-            return True
+        self.last_refusal = ""
         self._note_database(is_down=False)
         self.written += len(batch)
         return True
 
-    async def _replay_spool(self) -> bool:
+    async def _set_aside(self, batch: Sequence[Row], error: BaseException) -> None:
         try:
-            batches = self.spool.read_batches(BATCH_MAX_ROWS)
-        except OSError as error:
-            self.spool.error = f"cannot read the spool file {self.spool.path}: {error.strerror}"
-            log.error("request log: %s; new rows wait behind it", self.spool.error)
-            return False
-        for batch in batches:
-            if not await self._insert(batch):
-                return False
-        log.warning("request log: replayed the spool %s into the database", self.spool.path)
-        self.spool.remove()
-        return True
+            path = await self.spool.set_aside(batch)
+        except OSError as write_error:
+            log.error(
+                "request log: %d rows refused (%s) and lost: %s", len(batch), error, write_error
+            )
+            self._count_dropped(len(batch))
+            return
+        log.error("request log: %d rows refused (%s); kept in %s", len(batch), error, path)
 
-    def _keep(self, rows: list[Row]) -> None:
-        # On disk if possible; otherwise back into memory, to be tried again.
-        if rows and not self.spool.append(rows):
-            self.buffer[:0] = rows
-            self._cap_buffer()
+    async def _spool_has_rows(self) -> bool:
+        try:
+            return await self.spool.has_rows()
+        except OSError:
+            return True  # let the replay try, and report what it finds
+
+    async def _replay_spool(self) -> bool:
+        """Replay chunks, oldest first: True once the spool is empty; False if the
+        database fails or this flush's share of time is spent (the next one resumes)."""
+        deadline = self.clock() + REPLAY_SECONDS_PER_FLUSH
+        try:
+            while True:
+                chunk = await self.spool.read_chunk(REPLAY_CHUNK_ROWS)
+                if chunk.rows and not await self._insert(chunk.rows):
+                    return False
+                if await self.spool.commit(chunk.end):
+                    log.warning(
+                        "request log: replayed the spool %s into the database", self.spool.path
+                    )
+                    return True
+                if self.clock() > deadline:
+                    return False
+        except OSError as error:
+            message = f"cannot read the spool file {self.spool.path}: {error.strerror}"
+            if message != self.spool.error:
+                log.error("request log: %s; new rows wait behind it", message)
+            self.spool.error = message
+            return False
+
+    async def _keep(self, rows: list[Row]) -> None:
+        # While the database is down, on disk if possible. Otherwise (the database is
+        # up but the spool is not yet replayed) in memory, behind the spool.
+        if not rows:
+            return
+        if self.is_database_down:
+            await self._spool(rows)
+        else:
+            self._hold(rows)
+
+    async def _spool(self, rows: list[Row]) -> None:
+        refused = await self.spool.append(rows)
+        if refused is None:  # the disk refused: hold them in memory, to try again
+            self._hold(rows)
+        elif refused:
+            self._count_dropped(refused)
+
+    def _hold(self, rows: list[Row]) -> None:
+        self.buffer[:0] = rows
+        self._cap_buffer()
 
     def _cap_buffer(self) -> None:
         excess = len(self.buffer) - MAX_BUFFERED_ROWS
         if excess > 0:
             del self.buffer[:excess]  # the oldest go; the newest are the likeliest asked about
-            self.dropped += excess
+            self._count_dropped(excess)
+
+    def _count_dropped(self, count: int) -> None:
+        self.dropped += count
+        if self.on_dropped is not None:
+            self.on_dropped(count)
 
     def _report_dropped(self) -> None:
         # Once per flush, not once per request: a long outage must not flood the log.
         if self.dropped > self.reported_dropped:
             log.error(
-                "request log: dropped %d rows (%d in all): neither the database nor the "
-                "spool file takes them, and at most %d are held in memory",
+                "request log: dropped %d rows (%d in all): the database is unavailable and "
+                "the spool (at most %d MiB) and memory (at most %d rows) are full or unusable",
                 self.dropped - self.reported_dropped,
                 self.dropped,
+                self.spool.max_bytes // 2**20,
                 MAX_BUFFERED_ROWS,
             )
             self.reported_dropped = self.dropped
 
     def _note_database(self, is_down: bool, error: BaseException | None = None) -> None:
         if is_down and not self.is_database_down:
+            self.next_probe_at = self.clock() + PROBE_INTERVAL_SECONDS
             log.warning(
-                "request log: database unreachable (%s); spooling rows to %s",
+                "request log: database unavailable (%s); spooling rows to %s",
                 type(error).__name__,
                 self.spool.path,
             )
@@ -266,6 +299,7 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     error: str | None = None
+    repeat_count: int = 1  # more for folded anonymous refusals (proxy/refusals.py)
 
     duration_ms: float = 0.0
 

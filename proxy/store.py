@@ -6,7 +6,6 @@ failures become StoreError, whose message shows the DSN without its password.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,19 +14,12 @@ import asyncpg
 
 from proxy.config import redact_dsn
 from proxy.migrations import migrate
+from proxy.outage import UNAVAILABLE_ERRORS
 
 CONNECT_TIMEOUT_SECONDS = 5.0
-# What asyncpg raises when the server is gone or unreachable, as opposed to a bad query.
-UNAVAILABLE_ERRORS = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.ConnectionFailureError,
-    asyncpg.exceptions.InterfaceError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.TooManyConnectionsError,
-)
+DEFAULT_COMMAND_TIMEOUT_SECONDS = 5.0
+DEFAULT_ACQUIRE_TIMEOUT_SECONDS = 5.0
+__all__ = ["UNAVAILABLE_ERRORS"]  # re-exported: callers catch store.UNAVAILABLE_ERRORS
 
 
 class StoreError(Exception):
@@ -50,19 +42,65 @@ async def connect(dsn: str) -> asyncpg.Connection:
         raise unreachable(dsn, error) from None
 
 
-async def create_pool(dsn: str, max_size: int = 10) -> asyncpg.Pool:
+class TimedPool:
+    """An asyncpg pool whose every call has a deadline, acquiring a connection included.
+
+    asyncpg's own pool.fetch() waits for a free connection for ever, and command_timeout
+    alone does not bound that wait. A stalled database (a table locked by an open
+    transaction, a frozen server, a partition) then raises TimeoutError, which is
+    "unavailable" (proxy/outage.py), instead of hanging auth, limits and the log.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, acquire_timeout: float) -> None:
+        self.pool = pool
+        self.acquire_timeout = acquire_timeout
+
+    def acquire(self, *, timeout: float | None = None):
+        return self.pool.acquire(timeout=timeout or self.acquire_timeout)
+
+    async def execute(self, query: str, *args, timeout: float | None = None) -> str:
+        async with self.acquire() as conn:
+            return await conn.execute(query, *args, timeout=timeout)
+
+    async def fetch(self, query: str, *args, timeout: float | None = None) -> list:
+        async with self.acquire() as conn:
+            return await conn.fetch(query, *args, timeout=timeout)
+
+    async def fetchrow(self, query: str, *args, timeout: float | None = None):
+        async with self.acquire() as conn:
+            return await conn.fetchrow(query, *args, timeout=timeout)
+
+    async def fetchval(self, query: str, *args, timeout: float | None = None):
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args, timeout=timeout)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+
+async def create_pool(
+    dsn: str,
+    max_size: int = 10,
+    command_timeout: float = DEFAULT_COMMAND_TIMEOUT_SECONDS,
+    acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT_SECONDS,
+) -> TimedPool:
     """A pool, with the schema migrated; StoreError if the database is unreachable."""
     try:
         # min_size 0: asyncpg would otherwise log a traceback every few seconds while
         # it fails to restore its floor of connections during a database outage.
         pool = await asyncpg.create_pool(
-            dsn, min_size=0, max_size=max_size, timeout=CONNECT_TIMEOUT_SECONDS
+            dsn,
+            min_size=0,
+            max_size=max_size,
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            command_timeout=command_timeout,
         )
     except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
         raise unreachable(dsn, error) from None
     async with pool.acquire() as conn:
+        # Migrations may wait for locks of other gateways migrating; no command deadline.
         await migrate(conn)
-    return pool
+    return TimedPool(pool, acquire_timeout)
 
 
 @dataclass(frozen=True)
@@ -189,6 +227,7 @@ REQUEST_COLUMNS = (
     "completion_tokens",
     "client_addr",
     "error",
+    "repeat_count",
 )
 _REQUEST_TYPES = (
     "text",
@@ -208,6 +247,7 @@ _REQUEST_TYPES = (
     "int",
     "text",
     "text",
+    "int",
 )
 # One statement per batch, and ON CONFLICT makes a replayed spool harmless.
 _INSERT_REQUESTS = (

@@ -57,7 +57,7 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
         "false",
     ]
     optional = {
-        "--model_alias": settings["LLAMA_MODEL_ALIAS"] or None,
+        "--model_alias": model_alias(settings, model_path),
         "--n_ctx": settings["LLAMA_N_CTX"],
         "--n_threads": settings["LLAMA_N_THREADS"],
         "--n_gpu_layers": settings["LLAMA_N_GPU_LAYERS"],
@@ -66,6 +66,15 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
         if value is not None:
             command += [flag, str(value)]
     return command + list(settings["LLAMA_EXTRA_ARGS"])
+
+
+def model_alias(settings: Settings, model_path: Path) -> str:
+    """The name clients see for the model: LLAMA_MODEL_ALIAS, else the file's name.
+
+    Without an alias llama_cpp.server names the model by its absolute path in /v1/models
+    and in every answer's `model`, which tells every client where the operator keeps it.
+    """
+    return settings["LLAMA_MODEL_ALIAS"] or model_path.name
 
 
 def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:

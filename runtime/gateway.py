@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from proxy.config import (
     BACKEND_KEY_KEY,
     BACKEND_URL_KEY,
     GATEWAY_KEYS,
+    MODEL_NAME_KEY,
     RESTART_FLAG_KEY,
     RESTART_FLAG_MAX_AGE_KEY,
     SPOOL_KEY,
 )
-from runtime.backend import PASSED_NAMES, answers_http
+from runtime.backend import PASSED_NAMES, answers_http, model_alias
+from runtime.modelfiles import ModelError, resolve_model
 from runtime.settings import CODE_DIR, Settings
 from runtime.supervisor import ProcessSupervisor
 
@@ -28,6 +31,15 @@ FLUSH_MARGIN_SECONDS = 5.0
 # Beyond the stop grace and the start timeout, a restart spends up to 5 s on SIGKILL and
 # up to 30 s starting the private PostgreSQL while it holds the restart flag.
 RESTART_FLAG_MARGIN_SECONDS = 35.0
+
+
+def served_model_name(settings: Settings) -> str:
+    """The name the backend gives the model (see model_alias), as the gateway should too."""
+    try:
+        path = resolve_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
+    except ModelError:
+        path = Path(settings["LLAMA_MODEL"])  # the start that follows will say what is wrong
+    return model_alias(settings, path)
 
 
 class GatewaySupervisor(ProcessSupervisor):
@@ -83,6 +95,7 @@ class GatewaySupervisor(ProcessSupervisor):
                 SPOOL_KEY: str(paths.spool_path),
                 RESTART_FLAG_KEY: str(paths.restart_flag),
                 RESTART_FLAG_MAX_AGE_KEY: str(restart_flag_max_age(settings)),
+                MODEL_NAME_KEY: served_model_name(settings),
                 # The gateway's code lives in the checkout, wherever the state root is.
                 "PYTHONPATH": str(CODE_DIR),
                 "PYTHONUNBUFFERED": "1",

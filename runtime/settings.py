@@ -109,7 +109,7 @@ KEYS: tuple[Key, ...] = (
         "LLAMA_MODEL_ALIAS",
         "",
         parse_text,
-        "name that /v1/models reports for the model (empty: the file path)",
+        "name clients see for the model in /v1/models and answers (empty: its file name)",
         MODEL,
     ),
     Key(

@@ -16,6 +16,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 USAGE = {"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12}
+# llama_cpp.server 0.3's answer to /v1/embeddings when started without --embedding true.
+EMBEDDINGS_OFF = {
+    "message": "Llama model must be created with embedding=True to call this method",
+    "type": "internal_server_error",
+    "param": None,
+    "code": None,
+}
 
 
 @dataclass
@@ -33,6 +40,8 @@ class FakeUpstream:
 
     def __init__(self, chunks: int = 3) -> None:
         self.chunks = chunks
+        self.content = "tok"  # the text of each streamed chunk; make it long to stream a lot
+        self.has_embeddings = True  # False: /v1/embeddings fails as llama_cpp.server's does
         self.gate: asyncio.Semaphore | None = None
         self.seen: list[Seen] = []
         self.chunks_sent = 0
@@ -44,6 +53,7 @@ class FakeUpstream:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.answer({"object": "list", "data": [{"id": "m"}]}))
+        app.router.add_post("/v1/embeddings", self.embeddings)
         app.router.add_get("/openapi.json", self.answer({"openapi": "3.1.0"}))
         app.router.add_get("/docs", self.answer({"docs": "secret"}))
         return app
@@ -54,6 +64,12 @@ class FakeUpstream:
             return web.json_response(payload)
 
         return handler
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        self._note(request, await request.json())
+        if self.has_embeddings:
+            return web.json_response({"object": "list", "data": [], "model": "m"})
+        return web.json_response({"error": EMBEDDINGS_OFF}, status=500)
 
     def allow(self, permits: int = 1) -> None:
         """Let `permits` more chunks or answers leave (only with a gate)."""
@@ -79,7 +95,7 @@ class FakeUpstream:
         try:
             for _ in range(self.chunks):
                 await self._turn()
-                event = {"choices": [{"delta": {"content": "tok"}}]}
+                event = {"choices": [{"delta": {"content": self.content}}]}
                 await response.write(b"data: " + json.dumps(event).encode() + b"\n\n")
                 self.chunks_sent += 1
             await response.write(b"data: [DONE]\n\n")

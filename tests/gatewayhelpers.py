@@ -51,6 +51,9 @@ def gateway_config(dsn: str, backend_url: str, tmp_path: Path, **overrides) -> P
         auth_outage_grace_seconds=300.0,
         metrics_token="",
         auth_failures_per_minute=10_000,  # tests that exercise it set their own
+        request_max_seconds=600.0,
+        max_tokens=4096,
+        me_cache_seconds=1.0,
     )
     return replace(config, **overrides)
 

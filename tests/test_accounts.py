@@ -35,6 +35,7 @@ async def log_request(conn: asyncpg.Connection, username: str, age: timedelta) -
         "duration_ms": 5.0,
         "request_bytes": 1,
         "response_bytes": 1,
+        "repeat_count": 1,
     }
     await store.insert_requests(conn, [tuple(row.get(c) for c in store.REQUEST_COLUMNS)])
 

@@ -61,6 +61,7 @@ def log_requests(dsn: str, *rows: dict[str, object]) -> None:
         "completion_tokens": 5,
         "client_addr": "127.0.0.1",
         "error": None,
+        "repeat_count": 1,
     }
     now = datetime.now(UTC)
     tuples = []
@@ -348,7 +349,13 @@ def usage_rows(dsn: str) -> None:
             "duration_ms": 200.0,
         },
         {"username": "bob", "status_code": 400, "prompt_tokens": None, "completion_tokens": None},
-        {"username": None, "status_code": 401, "prompt_tokens": None, "completion_tokens": None},
+        {
+            "username": None,
+            "status_code": 401,
+            "prompt_tokens": None,
+            "completion_tokens": None,
+            "repeat_count": 4,  # four refusals folded into one row
+        },
         {"username": "bob", "age": timedelta(days=10), "prompt_tokens": 1000},
     )
 
@@ -368,7 +375,7 @@ def test_usage_aggregates_requests_errors_tokens_and_latency_per_user(pg_dsn: st
     assert alice["avg_duration_ms"] == pytest.approx(200.0)
     assert (by_user["bob"]["requests"], by_user["bob"]["errors"]) == (2, 1)
     assert by_user["bob"]["prompt_tokens"] == 1000
-    assert by_user[None]["errors"] == 1
+    assert (by_user[None]["requests"], by_user[None]["errors"]) == (4, 4)
 
 
 def test_usage_csv_parses_and_filters_by_user_and_since(pg_dsn: str) -> None:
@@ -471,7 +478,7 @@ def test_init_db_creates_the_schema_and_can_run_again(pg_dsn: str) -> None:
     first = invoke(pg_dsn, "init-db")
     second = invoke(pg_dsn, "init-db")
 
-    assert first.exit_code == 0 and "applied migrations [1, 2, 3, 4, 5]" in first.stdout
+    assert first.exit_code == 0 and "applied migrations [1, 2, 3, 4, 5, 6]" in first.stdout
     assert second.exit_code == 0 and "already up to date" in second.stdout
     assert query(pg_dsn, "SELECT to_regclass('api_keys') IS NOT NULL")[0][0] is True
 

@@ -9,6 +9,7 @@ are in test_faults.py; SIGTERM during streams in test_faults_sigterm.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import subprocess
 import time
@@ -17,6 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
@@ -24,18 +26,23 @@ from gatewayhelpers import (
     add_user,
     bearer,
     chat,
+    free_port,
     gateway_config,
     wait_until,
 )
+from gatewayprocess import start_gateway_process
 from pgfixture import fresh_database, temporary_cluster
 
 from proxy import appkeys, requestlog, store
 from proxy.app import make_app
-from proxy.requestlog import RequestLog, RequestRecord, Spool
+from proxy.requestlog import RequestLog, RequestRecord
+from proxy.spool import Spool, append_lines
 
 pytest_plugins = ["gatewayfixture"]
 
-OUTAGE_GRACE_SECONDS = 2.0
+# Long enough to cover stopping the cluster on a loaded machine (up to ~3 s seen) plus the
+# listener's 2 s between confirmed contacts, from which the grace counts.
+OUTAGE_GRACE_SECONDS = 8.0
 CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 DEADLINE = 20.0  # generous: 2 shared cores; only there to turn a hang into a failure
 
@@ -314,3 +321,157 @@ async def test_a_spool_that_cannot_be_read_keeps_the_rows_instead_of_losing_them
     await journal.flush()  # must not raise
     assert journal.buffer == rows(1)
     assert journal.problem and "spool" in journal.problem
+
+
+@pytest.mark.asyncio
+async def test_rows_over_the_spool_cap_are_counted_in_metrics(outage_gateway, own_dsn, own_cluster):
+    gateway = await outage_gateway()
+    key = await new_key(own_dsn, "alice")
+    assert (await ask(gateway, key))[0] == 200  # cached, so served during the outage
+    journal = gateway.app[appkeys.REQUEST_LOG]
+    await wait_until(lambda: journal.written == 1, "the first row to be written")
+    journal.spool.max_bytes = 1  # a spool that is always full
+    await in_thread(own_cluster.stop)
+    for _ in range(3):
+        assert (await ask(gateway, key))[0] == 200
+
+    async def dropped() -> bool:
+        text = await (await gateway.get("/metrics")).text()
+        return "llamagate_request_log_dropped_rows_total 3.0" in text
+
+    await wait_until(dropped, "3 dropped rows in /metrics", DEADLINE)
+    await in_thread(own_cluster.start)
+
+
+# --- a stalled database: locks held by an open transaction ------------------------------
+
+STALL_TIMEOUT_SECONDS = 0.5
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_database_takes_the_outage_path_instead_of_hanging(outage_gateway, own_dsn):
+    gateway = await outage_gateway(
+        db_command_timeout_seconds=STALL_TIMEOUT_SECONDS,
+        db_acquire_timeout_seconds=STALL_TIMEOUT_SECONDS,
+        rate_limit=100_000,
+    )
+    alice, carol = await new_key(own_dsn, "alice"), await new_key(own_dsn, "carol")
+    cache = gateway.app[appkeys.AUTHENTICATOR].cache
+    await wait_until(lambda: cache.is_listening, "the auth listener")
+    assert (await ask(gateway, alice))[0] == 200  # alice's key is cached from now on
+    journal = gateway.app[appkeys.REQUEST_LOG]
+    sent: dict[str, int] = {}
+    locker = await asyncpg.connect(own_dsn)
+    try:
+        await locker.execute(
+            "BEGIN; LOCK TABLE users, api_keys, rate_windows, llama_requests "
+            "IN ACCESS EXCLUSIVE MODE"
+        )
+        for key in (alice, alice, carol):  # carol's key is not cached: it needs the database
+            status, request_id = await asyncio.wait_for(ask(gateway, key), DEADLINE)
+            sent[request_id] = status
+        assert list(sent.values()) == [200, 200, 503]
+        await wait_until(
+            lambda: journal.is_database_down and journal.spool.path.exists(),
+            "the rows to be spooled",
+            DEADLINE,
+        )
+    finally:
+        await locker.close()  # ends the transaction and its locks
+    await wait_until(
+        lambda: _contains(logged_ids(own_dsn), set(sent)), "the spooled rows", DEADLINE
+    )
+    assert (await ask(gateway, carol))[0] == 200
+
+
+@pytest.mark.asyncio
+async def test_waiting_for_a_pooled_connection_has_a_deadline(own_dsn):
+    pool = await store.create_pool(own_dsn, max_size=1, acquire_timeout=STALL_TIMEOUT_SECONDS)
+    try:
+        async with pool.acquire():  # the only connection, held as a stuck query would
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(pool.fetchval("SELECT 1"), 10 * STALL_TIMEOUT_SECONDS)
+            assert time.monotonic() - started < 5 * STALL_TIMEOUT_SECONDS
+    finally:
+        await pool.close()
+
+
+# --- a long outage's spool replayed while the gateway serves ----------------------------
+
+REPLAY_ROWS = 100_000
+HEALTHZ_BUDGET_SECONDS = 0.1
+
+
+@pytest.mark.asyncio
+async def test_a_spool_of_100k_rows_replays_exactly_once_while_healthz_stays_fast(
+    own_dsn, tmp_path
+):
+    # A real `python -m proxy`: its event loop and its garbage collector are the ones
+    # measured, not those of the test runner (whose heap alone takes ~200 ms to collect).
+    spool_path = tmp_path / "spool" / "requests.spool"
+    await asyncio.to_thread(write_spool, spool_path, REPLAY_ROWS)
+    settings = {
+        "LLAMA_PROXY_HOST": "127.0.0.1",
+        "LLAMA_PROXY_PORT": str(free_port()),
+        "POSTGRES_AUTH_DSN": own_dsn,
+        "LLAMA_PROXY_SPOOL_PATH": str(spool_path),
+    }
+    started = time.monotonic()
+    gateway = await start_gateway_process(settings, tmp_path / "proxy.log")
+    latencies: list[float] = []
+    gc.freeze()  # the test runner's big heap: its collections are not the gateway's time
+    try:
+        async with aiohttp.ClientSession() as session:
+            while spool_path.exists():  # the replay starts at the first flush
+                sent = time.perf_counter()
+                async with session.get(f"{gateway.url}/healthz") as response:
+                    assert response.status == 200
+                latencies.append(time.perf_counter() - sent)
+                await asyncio.sleep(0.005)
+                assert time.monotonic() - started < 60, "the replay took over a minute"
+        replay_seconds = time.monotonic() - started
+    finally:
+        gc.unfreeze()
+        gateway.stop()
+    counts = await _fetchrow(
+        own_dsn,
+        "SELECT count(*) AS all_rows, count(DISTINCT request_id) AS distinct_ids "
+        "FROM llama_requests WHERE request_id LIKE 'replayed-%'",
+    )
+    print(
+        f"replayed {REPLAY_ROWS} rows in {replay_seconds:.1f}s; /healthz max "
+        f"{max(latencies) * 1000:.1f} ms over {len(latencies)} probes"
+    )
+    assert (counts["all_rows"], counts["distinct_ids"]) == (REPLAY_ROWS, REPLAY_ROWS)
+    assert len(latencies) >= 20  # probed throughout, not once at the end
+    assert max(latencies) < HEALTHZ_BUDGET_SECONDS
+
+
+def write_spool(path: Path, count: int) -> None:
+    """A spool file of `count` rows, written a slice at a time to keep memory low."""
+    for first in range(0, count, 10_000):
+        append_lines(
+            path,
+            [
+                RequestRecord(
+                    f"replayed-{number}",
+                    CREATED_AT,
+                    "POST",
+                    "/v1/chat/completions",
+                    "10.0.0.1",
+                    0.0,
+                    username="alice",
+                    status_code=200,
+                ).to_row(0.01)
+                for number in range(first, min(first + 10_000, count))
+            ],
+        )
+
+
+async def _fetchrow(dsn: str, sql: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchrow(sql)
+    finally:
+        await conn.close()

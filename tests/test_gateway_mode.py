@@ -7,6 +7,7 @@ with the admin CLI as an operator would, and called with the official openai cli
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ from conftest import TEST_API_KEY, wait_for
 
 from proxy.config import load_config
 from runtime.gateway import GatewaySupervisor
-from runtime.settings import Paths, load_settings
+from runtime.settings import FALLBACK_MODEL_NAME, Paths, load_settings
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
@@ -178,6 +179,39 @@ def gateway(gateway_home):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "behind the gateway" in result.stdout
     return gateway_home
+
+
+def http_post(url: str, key: str, payload: dict) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    request = urllib.request.Request(url, json.dumps(payload).encode(), headers)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def test_answers_name_the_model_by_its_file_name_never_by_its_path(gateway):
+    key = gateway.new_user("erin")
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = {"messages": MESSAGES, "max_tokens": 2}
+    answers = {
+        "models": http_get(f"{gateway.url}/v1/models", auth),
+        "chat": http_post(f"{gateway.url}/v1/chat/completions", key, chat),
+        "stream": http_post(f"{gateway.url}/v1/chat/completions", key, {**chat, "stream": True}),
+        "completion": http_post(f"{gateway.url}/v1/completions", key, {"prompt": "Hi"}),
+    }
+    for name, (status, text) in answers.items():
+        assert status == 200, (name, text)
+        assert str(gateway.root) not in text, name
+        assert f'"{FALLBACK_MODEL_NAME}"' in text, name
+
+
+def test_embeddings_on_a_model_started_without_them_get_400_saying_how(gateway):
+    key = gateway.new_user("frank")
+    status, text = http_post(f"{gateway.url}/v1/embeddings", key, {"input": "hi"})
+    assert status == 400
+    assert json.loads(text)["error"]["code"] == "embeddings_disabled"
 
 
 def test_gateway_metrics_count_requests(gateway):

@@ -11,7 +11,9 @@ import pytest
 from gatewayhelpers import DEADLINE, add_user, bearer, chat, log_rows, wait_until
 
 from proxy import appkeys, requestlog, store
-from proxy.requestlog import RequestLog, RequestRecord, Spool
+from proxy.refusals import FOLD_SECONDS
+from proxy.requestlog import PROBE_INTERVAL_SECONDS, RequestLog, RequestRecord
+from proxy.spool import Spool
 
 pytest_plugins = ["gatewayfixture"]
 
@@ -36,6 +38,24 @@ async def rows_when(db, count: int) -> list | None:
     """The log rows once there are `count` of them, else None (for wait_until)."""
     rows = await log_rows(db)
     return rows if len(rows) >= count else None
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand (to reach the next database probe)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def pass_probe_interval(self) -> None:
+        self.now += PROBE_INTERVAL_SECONDS
+
+
+async def spooled(path) -> list[tuple]:
+    """The rows in a spool (or .rejected) file, in order."""
+    return (await Spool(path).read_chunk(1_000_000)).rows
 
 
 class FlakyDatabase:
@@ -104,18 +124,19 @@ async def test_insert_requests_ignores_a_request_id_it_has_seen(db):
 
 @pytest.mark.asyncio
 async def test_rows_spool_while_the_database_is_down_and_replay_exactly_once(tmp_path):
-    database, spool = FlakyDatabase(), Spool(tmp_path / "requests.spool")
-    journal = RequestLog(database.insert, spool)
+    database, spool, clock = FlakyDatabase(), Spool(tmp_path / "requests.spool"), FakeClock()
+    journal = RequestLog(database.insert, spool, clock=clock)
     rows = make_rows(5)
     database.is_down = True
     for row in rows[:3]:
         journal.add(row)
     await journal.flush()
-    assert journal.buffer == [] and spool.has_rows()
+    assert journal.buffer == [] and await spool.has_rows()
     assert len(spool.path.read_text().splitlines()) == 3
     journal.add(rows[3])
     await journal.flush()  # still down: appended behind the first three
     database.is_down = False
+    clock.pass_probe_interval()
     journal.add(rows[4])
     await journal.flush()
     assert database.rows == rows  # in order, each exactly once
@@ -128,7 +149,7 @@ async def test_rows_spool_while_the_database_is_down_and_replay_exactly_once(tmp
 async def test_torn_last_spool_line_is_skipped(tmp_path):
     spool = Spool(tmp_path / "requests.spool")
     rows = make_rows(2)
-    assert spool.append(rows)
+    assert await spool.append(rows) == 0
     with open(spool.path, "a", encoding="utf-8") as torn:
         torn.write('["request-9", "2026-01-01T00:0')  # the gateway died mid-write
     database = FlakyDatabase()
@@ -157,15 +178,16 @@ async def test_close_spools_what_is_buffered_when_the_database_is_down(tmp_path)
     for row in rows:
         journal.add(row)
     await journal.close()
-    assert spool.read_batches(100) == [rows]
+    assert await spooled(spool.path) == rows
 
 
 @pytest.mark.asyncio
 async def test_rows_stay_in_memory_when_the_spool_cannot_be_written(tmp_path):
     (tmp_path / "not-a-dir").write_text("")
-    database = FlakyDatabase()
+    database, clock = FlakyDatabase(), FakeClock()
     database.is_down = True
-    journal = RequestLog(database.insert, Spool(tmp_path / "not-a-dir" / "requests.spool"))
+    spool = Spool(tmp_path / "not-a-dir" / "requests.spool")
+    journal = RequestLog(database.insert, spool, clock=clock)
     rows = make_rows(2)
     for row in rows:
         journal.add(row)
@@ -173,6 +195,7 @@ async def test_rows_stay_in_memory_when_the_spool_cannot_be_written(tmp_path):
     assert journal.buffer == rows
     assert journal.spool.error and "spool" in journal.spool.error
     database.is_down = False
+    clock.pass_probe_interval()
     await journal.flush()
     assert database.rows == rows and journal.buffer == []
 
@@ -193,32 +216,33 @@ async def test_rows_the_database_refuses_are_set_aside_without_blocking_later_on
     journal.add(rows[1])
     await journal.flush()
     assert accepted == [rows[1]]
-    assert Spool(tmp_path / "requests.rejected").read_batches(100) == [[rows[0]]]
-    assert not journal.spool.has_rows()
+    assert await spooled(tmp_path / "requests.rejected") == [rows[0]]
+    assert not await journal.spool.has_rows()
 
 
 @pytest.mark.asyncio
-async def test_replay_cut_short_and_repeated_inserts_no_duplicates(db, tmp_path, monkeypatch):
-    monkeypatch.setattr(requestlog, "BATCH_MAX_ROWS", 2)
+async def test_replay_cut_short_resumes_after_the_last_committed_chunk(db, tmp_path, monkeypatch):
+    monkeypatch.setattr(requestlog, "REPLAY_CHUNK_ROWS", 2)
     spool = Spool(tmp_path / "requests.spool")
     rows = make_rows(5)
-    spool.append(rows)
-    calls = 0
+    await spool.append(rows)
+    sent: list[list[str]] = []
 
     async def insert(batch) -> None:
-        nonlocal calls
-        calls += 1
-        if calls == 2:  # the database goes away after the first batch of the replay
+        sent.append([row[0] for row in batch])
+        if len(sent) == 2:  # the database goes away after the first chunk of the replay
             raise ConnectionResetError(104, "Connection reset by peer")
         await store.insert_requests(db, batch)
 
-    journal = RequestLog(insert, spool)
-    await journal.flush()
-    assert spool.has_rows()
+    await RequestLog(insert, spool).flush()
+    spool.close()
+    assert await spool.has_rows()
     assert await db.fetchval("SELECT count(*) FROM llama_requests") == 2
-    await journal.flush()  # the whole spool again, its first batch included
-    assert calls == 5
-    assert not spool.path.exists()
+    # A new gateway on the same spool, as after a crash: it resumes at the third row.
+    again = Spool(spool.path)
+    await RequestLog(insert, again).flush()
+    assert sent[2:] == [["request-2", "request-3"], ["request-4"]]
+    assert not spool.path.exists() and not again.offset_path.exists()
     stored = await db.fetch("SELECT request_id FROM llama_requests ORDER BY request_id")
     assert [r["request_id"] for r in stored] == [f"request-{n}" for n in range(5)]
 
@@ -266,6 +290,27 @@ async def test_every_request_gets_exactly_one_row(start_gateway, db, upstream, u
     for row in rows:
         assert row["duration_ms"] >= 0 and row["created_at"] is not None
         assert row["path"] and row["method"]
+
+
+@pytest.mark.asyncio
+async def test_repeated_anonymous_refusals_are_logged_as_counted_rows(gateway, db):
+    started = asyncio.get_running_loop().time()
+    first_ids = []
+    for number in range(30):
+        refused = await gateway.post("/v1/chat/completions", json=chat())
+        missing = await gateway.get(f"/nowhere-{number}")
+        assert (refused.status, missing.status) == (401, 404)
+        first_ids += [refused.headers["X-Request-Id"], missing.headers["X-Request-Id"]]
+    seconds = asyncio.get_running_loop().time() - started
+
+    async def counted() -> list | None:
+        rows = await log_rows(db)
+        return rows if sum(row["repeat_count"] for row in rows) == 60 else None
+
+    rows = await wait_until(counted, "60 requests in the log")
+    assert {row["status_code"] for row in rows} == {401, 404}
+    assert rows[0]["request_id"] in first_ids[:2]  # a group's row is its first request's
+    assert len(rows) <= 2 * (int(seconds / FOLD_SECONDS) + 2)  # not one per request
 
 
 @pytest.mark.asyncio

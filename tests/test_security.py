@@ -152,7 +152,8 @@ def run_workload(run: Stack) -> None:
 async def count_logged(dsn: str) -> int:
     conn = await asyncpg.connect(dsn)
     try:
-        return await conn.fetchval("SELECT count(*) FROM llama_requests")
+        # Repeated anonymous refusals share a row (proxy/refusals.py): count requests.
+        return await conn.fetchval("SELECT coalesce(sum(repeat_count), 0) FROM llama_requests")
     finally:
         await conn.close()
 

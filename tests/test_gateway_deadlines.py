@@ -1,0 +1,90 @@
+"""No single client holds the backend for ever (proxy/deadlines.py).
+
+A client that stops reading is cut off after LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS per
+write, and any answer after LLAMA_PROXY_REQUEST_MAX_SECONDS in all; either way the
+upstream request is closed, so generation stops, and the next user is served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+from gatewayhelpers import DEADLINE, add_user, bearer, chat, log_rows, wait_until
+from rawhttp import request_bytes
+
+pytest_plugins = ["gatewayfixture", "hostilefixture"]
+pytestmark = pytest.mark.usefixtures("no_error_is_logged")
+
+CHAT = "/v1/chat/completions"
+REQUEST_MAX_SECONDS = 0.5  # LLAMA_PROXY_REQUEST_MAX_SECONDS for the cap tests
+
+
+def connect_without_reading(gateway, request: bytes) -> socket.socket:
+    """A client with a tiny receive buffer that sends `request` and then never reads."""
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((gateway.host, gateway.port))
+    client.sendall(request)
+    return client
+
+
+@pytest.mark.asyncio
+async def test_client_that_stops_reading_is_cut_off_logged_499_and_frees_the_backend(
+    hostile_gateway, alice_key, db, upstream, assert_serves
+):
+    # Events of 16 KB, as fast as the gateway takes them: megabytes within a second, far
+    # more than the socket buffers between the gateway and a client that reads nothing.
+    upstream.chunks, upstream.content = 100_000, "x" * 16_000
+    body = json.dumps(chat(stream=True, max_tokens=4000)).encode()
+    headers = [("Authorization", f"Bearer {alice_key}")]
+    client = connect_without_reading(hostile_gateway, request_bytes("POST", CHAT, headers, body))
+    try:
+        await wait_until(lambda: upstream.cut_short == 1, "the backend to see the hang-up")
+        rows = await wait_until(lambda: log_rows(db), "the stalled stream's row")
+    finally:
+        client.close()
+    assert rows[0]["status_code"] == 499
+    assert "the client stopped reading" in rows[0]["error"]
+    bob = await add_user(db, "bob")
+    upstream.content = "tok"
+    await assert_serves(hostile_gateway, bob)
+
+
+@pytest.mark.asyncio
+async def test_stream_past_the_time_cap_ends_with_an_error_event_and_a_504_row(
+    start_gateway, db, upstream
+):
+    gateway = await start_gateway(request_max_seconds=REQUEST_MAX_SECONDS)
+    key = await add_user(db, "alice")
+    upstream.gate = asyncio.Semaphore(1)  # one chunk, then the backend "generates" for ever
+    response = await gateway.post(CHAT, json=chat(stream=True), headers=bearer(key))
+    assert response.status == 200
+    text = (await asyncio.wait_for(response.read(), DEADLINE)).decode()
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"][0]["delta"]["content"] == "tok"
+    error = json.loads(events[-1])["error"]
+    assert error["code"] == "request_too_long"
+    assert "LLAMA_PROXY_REQUEST_MAX_SECONDS" in error["message"]
+    await wait_until(lambda: upstream.cut_short == 1, "the backend to see the hang-up")
+    rows = await wait_until(lambda: log_rows(db), "the stream's row")
+    assert (rows[0]["status_code"], rows[0]["completion_tokens"]) == (504, 1)
+
+
+@pytest.mark.asyncio
+async def test_whole_answer_past_the_time_cap_gets_504_and_the_next_request_is_served(
+    start_gateway, db, upstream
+):
+    gateway = await start_gateway(request_max_seconds=REQUEST_MAX_SECONDS)
+    key = await add_user(db, "alice")
+    upstream.gate = asyncio.Semaphore(0)  # the backend never finishes this answer
+    response = await gateway.post(CHAT, json=chat(), headers=bearer(key))
+    assert response.status == 504
+    error = (await response.json())["error"]
+    assert (error["code"], error["type"]) == ("request_too_long", "server_error")
+    rows = await wait_until(lambda: log_rows(db), "the 504's row")
+    assert rows[0]["status_code"] == 504
+    upstream.gate = None
+    assert (await gateway.post(CHAT, json=chat(), headers=bearer(key))).status == 200
