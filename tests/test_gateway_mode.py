@@ -231,6 +231,17 @@ def test_a_busy_gateway_port_is_named_and_nothing_is_left_running(gateway_home):
     assert gateway_home.backend_pids() == []
 
 
+@pytest.mark.parametrize("how", [(), ("--foreground",)], ids=["start", "foreground"])
+def test_a_backend_that_fails_to_start_leaves_no_gateway_behind(gateway_home, how):
+    # One start path, one order: database, backend, gateway. The gateway is never
+    # launched (its log never begun) when the backend cannot start.
+    result = gateway_home.run("start", *how, LLAMA_EXTRA_ARGS="--no_such_flag 1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--no_such_flag" in result.stderr
+    assert not (gateway_home.root / "runtime" / "logs" / "proxy.log").exists()
+    assert gateway_home.run("status").returncode == 3
+
+
 def test_an_unreachable_database_is_named_without_its_password(gateway_home):
     result = gateway_home.run("start", POSTGRES_AUTH_DSN="postgresql://gate:sekrit@127.0.0.1:1/x")
     assert result.returncode == 1
