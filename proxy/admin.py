@@ -9,7 +9,6 @@ unreachable), 2 bad input.
 from __future__ import annotations
 
 import functools
-import os
 from datetime import datetime, timedelta
 
 import asyncpg
@@ -60,7 +59,7 @@ def cli(ctx: click.Context) -> None:
         bin/user_management_cli.sh usage --since 7d
     """
     if ctx.obj is None:
-        ctx.obj = functools.partial(read_environment, os.environ)
+        ctx.obj = read_environment
 
 
 @cli.command("init-db")

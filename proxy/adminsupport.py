@@ -17,14 +17,14 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import asyncpg
 import click
 
 from proxy import accounts, store
 from proxy.clierrors import EXIT_BAD_INPUT, CliError, ErrorMappingGroup
-from proxy.config import database_dsn
+from proxy.config import ProxyConfigError, database_dsn, load_section
+from proxy.configschema import DatabaseKeys, GatewayKeys, values_of
 from proxy.migrations import migrate
 
 DURATION_PATTERN = re.compile(r"(\d{1,9})\s*([smhdw])")
@@ -48,12 +48,24 @@ class AdminEnv:
 
     dsn: str
     gateway_url: str
+    is_dsn_invalid: bool = False
 
 
-def read_environment(environ: Mapping[str, str]) -> AdminEnv:
-    """The only place that reads the environment; checks wait until a command needs them."""
-    port = environ.get("LLAMA_PROXY_PORT", "").strip() or "8001"
-    return AdminEnv(dsn=database_dsn(environ), gateway_url=f"http://localhost:{port}")
+def read_environment(environ: Mapping[str, str] | None = None) -> AdminEnv:
+    """The settings the commands use, read through the gateway's loader.
+
+    An invalid value is kept as a flag rather than raised, so that --help still works;
+    a command that needs the database reports it.
+    """
+    try:
+        port = load_section(GatewayKeys, environ).port
+    except ProxyConfigError:
+        port = GatewayKeys.port
+    try:
+        dsn = database_dsn(values_of(load_section(DatabaseKeys, environ)))
+    except ProxyConfigError:
+        return AdminEnv(dsn="", gateway_url=f"http://localhost:{port}", is_dsn_invalid=True)
+    return AdminEnv(dsn=dsn, gateway_url=f"http://localhost:{port}")
 
 
 def pass_env(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -72,15 +84,10 @@ def pass_env(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def checked_dsn(env: AdminEnv) -> str:
+    if env.is_dsn_invalid:
+        raise CliError(BAD_DSN, EXIT_BAD_INPUT)
     if not env.dsn:
         raise CliError(NO_DATABASE)
-    try:
-        parts = urlsplit(env.dsn)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError:
-        raise CliError(BAD_DSN, EXIT_BAD_INPUT) from None
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise CliError(BAD_DSN, EXIT_BAD_INPUT)
     return env.dsn
 
 

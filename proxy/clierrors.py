@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 import click
 
-EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 1, 2, 3
+EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED, EXIT_STARTING = 1, 2, 3, 4
 
 
 class CliError(click.ClickException):

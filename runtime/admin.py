@@ -40,7 +40,7 @@ def console_env(paths: Paths, is_bootstrap: bool) -> AdminEnv:
             "the private PostgreSQL is not running; start it with ./console.sh start "
             "(or bin/bootstrap_user_cli.sh)"
         )
-    return AdminEnv(dsn=dsn, gateway_url=f"http://localhost:{settings['LLAMA_PROXY_PORT']}")
+    return AdminEnv(dsn=dsn, gateway_url=f"http://localhost:{settings.gateway.port}")
 
 
 def main(argv: list[str]) -> None:

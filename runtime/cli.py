@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 a failure (the service could not be started, a file could not
 be read), 2 bad input (an invalid config value, an unknown model, a wrong option), 3 from
-`status` when stopped.
+`status` when stopped, 4 from `status` while a part is still starting.
 """
 
 from __future__ import annotations
@@ -16,15 +16,17 @@ from pathlib import Path
 
 import click
 
-from proxy.clierrors import EXIT_FAILURE, EXIT_STOPPED, CliError
+from proxy.clierrors import EXIT_FAILURE, EXIT_STARTING, EXIT_STOPPED, CliError
 from runtime import cli_models, service
 from runtime.cli_support import ConsoleGroup, load, load_leniently, wait_message
 from runtime.lock import console_lock
 from runtime.pglocation import find_place
 from runtime.settings import Paths, Settings, paths_from_env
-from runtime.supervisor import SERVING, STOPPED, BackendSupervisor, ComponentStatus
+from runtime.states import ComponentStatus, State
 
-STATUS_EXIT_CODES = {SERVING: 0, STOPPED: EXIT_STOPPED}
+# Not 1: a model that is still loading is not a fault, so a health check can wait instead
+# of alerting; and not 0, so `status && ...` still means "serving".
+STATUS_EXIT_CODES = {State.SERVING: 0, State.STOPPED: EXIT_STOPPED, State.STARTING: EXIT_STARTING}
 
 
 def report_started(result: service.StartResult) -> None:
@@ -95,15 +97,8 @@ def start(paths: Paths, model: str | None, foreground: bool) -> None:
 def run_foreground(settings: Settings) -> int:
     from runtime.foreground import ForegroundSupervisor
 
-    with console_lock(settings.paths.run_dir, on_wait=wait_message(settings.paths)):
-        is_running = BackendSupervisor(settings).status().is_serving
-        if is_running or service.is_foreground_running(settings):
-            raise CliError(
-                "the backend is already running; run ./console.sh stop first, "
-                "so that this supervisor owns it"
-            )
-        model_path = service.check_ready_to_start(settings)
-    return ForegroundSupervisor(settings, click.echo).run(model_path)
+    supervisor = ForegroundSupervisor(settings, click.echo, on_wait=wait_message(settings.paths))
+    return supervisor.run()
 
 
 @cli.command()
@@ -160,9 +155,11 @@ def restart(paths: Paths, model: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_obj
 def status(paths: Paths, as_json: bool) -> None:
-    """Show whether each part serves. Exit 0 all serving, 3 all stopped, 1 otherwise.
+    """Show whether each part serves. Exit 0 all serving, 3 all stopped, 4 starting, 1 otherwise.
 
-    In gateway mode the parts are the database, the backend and the gateway.
+    In gateway mode the parts are the database, the backend and the gateway. A part
+    that runs but does not answer yet is starting (exit 4) until LLAMA_START_TIMEOUT_SECONDS
+    has passed since it was launched, and degraded (exit 1) after that.
 
     \b
     Example:
@@ -188,7 +185,7 @@ def describe_status(name: str, status: ComponentStatus) -> str:
         line += f"  pid {status.pid}  {status.url}  up {uptime:.0f}s"
         if status.model:
             line += f"  model {os.path.basename(status.model)}"
-    elif status.state != STOPPED or name == "database":
+    elif status.state != State.STOPPED or name == "database":
         line += f"  {status.url}"
     if status.detail:
         line += f"\n  {status.detail}"

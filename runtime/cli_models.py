@@ -69,7 +69,7 @@ def served_model(settings: Settings) -> Path | None:
 
 def configured_model(settings: Settings) -> Path | None:
     try:
-        return resolve_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
+        return resolve_model(settings.server.model, settings.paths.models_dir)
     except ModelError:
         return None
 

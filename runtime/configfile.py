@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
+
+from dotenv import set_key
+
+# Values made only of these stay unquoted, as the installer writes them; anything else
+# (spaces, #, quotes, backslashes) would be cut or mangled by the parser unquoted.
+PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.,:/@+-]*")
 
 
 def set_config_value(path: Path, key: str, value: str) -> None:
     """Set KEY=value, replacing the existing line or appending one; atomic."""
-    lines = path.read_text().splitlines() if path.is_file() else []
-    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
-    replaced = False
-    for index, line in enumerate(lines):
-        if pattern.match(line):
-            lines[index] = f"{key}={value}"
-            replaced = True
-    if not replaced:
-        lines.append(f"{key}={value}")
-    partial = path.with_name(path.name + ".tmp")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
-    partial.replace(path)
+    # set_key rewrites the file through a temporary file beside it and keeps its mode.
+    # The quoting is ours: the escaping of its quote_mode="always" differs across
+    # python-dotenv versions, while single quotes with \\ and \' escaped read back
+    # exactly in all of them. (python-dotenv expands ${VAR} even in quotes, as the loader
+    # does everywhere; there is no escape for it.)
+    if not PLAIN_VALUE.fullmatch(value):
+        value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    set_key(path, key, value, quote_mode="never")

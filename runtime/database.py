@@ -18,7 +18,7 @@ from proxy.config import redact_dsn
 from runtime.pgcluster import ClusterError, LocalCluster
 from runtime.pglocation import ClusterPlace, find_place, prepare_place
 from runtime.settings import Settings
-from runtime.supervisor import DEGRADED, SERVING, STOPPED, ComponentStatus
+from runtime.states import ComponentStatus, State
 
 DATABASE_NAME = "llamagate"
 
@@ -84,15 +84,15 @@ class Database:
             try:
                 cluster = self.cluster()
             except ClusterError as error:
-                return ComponentStatus(STOPPED, "private cluster", detail=str(error))
+                return ComponentStatus(State.STOPPED, "private cluster", detail=str(error))
             url = f"private cluster in {cluster.data_dir}, socket {cluster.socket_dir}"
-            return ComponentStatus(SERVING if cluster.is_running() else STOPPED, url)
+            return ComponentStatus(State.SERVING if cluster.is_running() else State.STOPPED, url)
         url = redact_dsn(self.external_dsn)
         try:
             self._check_reachable(self.external_dsn)
         except DatabaseError as error:
-            return ComponentStatus(DEGRADED, url, detail=str(error))
-        return ComponentStatus(SERVING, url)
+            return ComponentStatus(State.DEGRADED, url, detail=str(error))
+        return ComponentStatus(State.SERVING, url)
 
     @staticmethod
     def _check_reachable(dsn: str) -> None:

@@ -14,12 +14,12 @@ from pathlib import Path
 from proxy.config import (
     BACKEND_KEY_KEY,
     BACKEND_URL_KEY,
-    GATEWAY_KEYS,
     MODEL_NAME_KEY,
     RESTART_FLAG_KEY,
     RESTART_FLAG_MAX_AGE_KEY,
     SPOOL_KEY,
 )
+from proxy.configschema import GatewayKeys, keys_of
 from runtime.backend import PASSED_NAMES, answers_http, model_alias
 from runtime.modelfiles import ModelError, resolve_model
 from runtime.settings import CODE_DIR, Settings
@@ -36,9 +36,9 @@ RESTART_FLAG_MARGIN_SECONDS = 35.0
 def served_model_name(settings: Settings) -> str:
     """The name the backend gives the model (see model_alias), as the gateway should too."""
     try:
-        path = resolve_model(settings["LLAMA_MODEL"], settings.paths.models_dir)
+        path = resolve_model(settings.server.model, settings.paths.models_dir)
     except ModelError:
-        path = Path(settings["LLAMA_MODEL"])  # the start that follows will say what is wrong
+        path = Path(settings.server.model)  # the start that follows will say what is wrong
     return model_alias(settings, path)
 
 
@@ -65,8 +65,8 @@ class GatewaySupervisor(ProcessSupervisor):
     @property
     def listen_address(self) -> tuple[str, int, str]:
         return (
-            self.settings["LLAMA_PROXY_HOST"],
-            self.settings["LLAMA_PROXY_PORT"],
+            self.settings.gateway.host,
+            self.settings.gateway.port,
             "LLAMA_PROXY_PORT",
         )
 
@@ -74,8 +74,8 @@ class GatewaySupervisor(ProcessSupervisor):
     def stop_grace_seconds(self) -> float:
         # The gateway drains in-flight requests and then flushes the request log: a
         # SIGKILL before that would lose rows.
-        drain = self.settings["LLAMA_PROXY_DRAIN_SECONDS"] + FLUSH_MARGIN_SECONDS
-        return max(self.settings["LLAMA_STOP_GRACE_SECONDS"], drain)
+        drain = self.settings.gateway.drain_seconds + FLUSH_MARGIN_SECONDS
+        return max(self.settings.console.stop_grace_seconds, drain)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", GATEWAY_MODULE]
@@ -84,13 +84,13 @@ class GatewaySupervisor(ProcessSupervisor):
         settings = self.settings
         paths = settings.paths
         cleaned = {name: value for name, value in self.environ.items() if name in PASSED_NAMES}
-        for key in GATEWAY_KEYS:
-            value = settings[key.name]
-            cleaned[key.name] = str(int(value) if isinstance(value, bool) else value)
+        # The text the operator wrote, which the gateway parses with the same schema; the
+        # console has validated it already, so the gateway cannot refuse it.
+        cleaned.update({key.name: settings.texts[key.name] for key in keys_of(GatewayKeys)})
         cleaned.update(
             {
                 BACKEND_URL_KEY: settings.backend_url,
-                BACKEND_KEY_KEY: settings["LLAMA_API_KEY"],
+                BACKEND_KEY_KEY: settings.server.api_key,
                 "POSTGRES_AUTH_DSN": self.dsn,
                 SPOOL_KEY: str(paths.spool_path),
                 RESTART_FLAG_KEY: str(paths.restart_flag),
@@ -115,5 +115,5 @@ class GatewaySupervisor(ProcessSupervisor):
 
 def restart_flag_max_age(settings: Settings) -> float:
     """How long the gateway honours the restart flag: the longest a restart keeps it."""
-    grace, timeout = settings["LLAMA_STOP_GRACE_SECONDS"], settings["LLAMA_START_TIMEOUT_SECONDS"]
+    grace, timeout = settings.console.stop_grace_seconds, settings.console.start_timeout_seconds
     return grace + timeout + RESTART_FLAG_MARGIN_SECONDS

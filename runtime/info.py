@@ -6,12 +6,12 @@ import platform
 from importlib import metadata
 
 from proxy.config import redact_dsn
+from proxy.configschema import Key
 from runtime.pgcluster import ClusterError
 from runtime.pglocation import find_place
 from runtime.service import component_statuses
 from runtime.settings import KEYS, ConfigError, Paths, Settings, load_settings
 
-SECRET_KEYS = frozenset({"LLAMA_API_KEY", "POSTGRES_AUTH_PASSWORD", "LLAMA_PROXY_METRICS_TOKEN"})
 PACKAGES = (
     "llama-cpp-python",
     "huggingface_hub",
@@ -37,22 +37,26 @@ def render_info(paths: Paths) -> str:
 
 
 def _config_section(settings: Settings) -> str:
+    rows = [(key.name, _shown_value(key, settings[key.name])) for key in KEYS]
+    # Columns as wide as their longest cell, so that long key names and values stay aligned.
+    name_width = max(len(name) for name, _ in rows)
+    value_width = max(len(value) for _, value in rows)
     lines = ["configuration (value, then where it came from):"]
-    for key in KEYS:
-        value = settings[key.name]
-        if key.name in SECRET_KEYS:
-            value = "(set, hidden)" if value else "(empty)"
-        elif key.name == "POSTGRES_AUTH_DSN":
-            value = redact_dsn(value)
-        elif isinstance(value, bool):
-            value = int(value)
-        elif isinstance(value, tuple):
-            value = " ".join(value)
-        lines.append(
-            f"  {key.name:<30} {'' if value is None else value!s:<34} "
-            f"{settings.source_of(key.name)}"
-        )
+    for name, value in rows:
+        lines.append(f"  {name:<{name_width}} {value:<{value_width}} {settings.source_of(name)}")
     return "\n".join(lines)
+
+
+def _shown_value(key: Key, value: object) -> str:
+    if key.name == "POSTGRES_AUTH_DSN":
+        return redact_dsn(str(value))  # where the database is helps a bug report
+    if key.is_secret:
+        return "(set, hidden)" if value else "(empty)"
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, tuple):
+        return " ".join(value)
+    return "" if value is None else str(value)
 
 
 def _paths_section(paths: Paths) -> str:

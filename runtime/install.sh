@@ -81,14 +81,10 @@ install_project() {
 }
 
 # The environment, .env or runtime/config.env may point llamagate at an existing server;
-# then no PostgreSQL is needed here.
+# then no PostgreSQL is needed here. The console's loader decides, so that the precedence
+# is the console's own (an empty POSTGRES_AUTH_DSN= in .env hides the one in config.env).
 uses_external_postgres() {
-    [[ -n "${POSTGRES_AUTH_DSN:-}" || -n "${POSTGRES_AUTH_HOST:-}" ]] && return 0
-    local state_root="${LLAMAGATE_ROOT:-$repo_dir}" file
-    for file in "$state_root/.env" "$state_root/runtime/config.env"; do
-        [[ -f "$file" ]] && grep -Eq '^(export[[:space:]]+)?POSTGRES_AUTH_(DSN|HOST)=.+' "$file" && return 0
-    done
-    return 1
+    (cd "$repo_dir" && "$venv_dir/bin/python" -m runtime.bootstrap --uses-external-postgres)
 }
 
 # Debian keeps initdb off PATH, in one directory per major version.
@@ -151,12 +147,16 @@ main() {
     [[ "${1:-}" == "--unless-failed-recently" ]] && skip_if_failed_recently
     trap 'record_outcome $?' EXIT
     check_python
-    ensure_postgres
-    ensure_wrk
     create_venv
     install_project
+    # After the venv: whether PostgreSQL is needed is the settings loader's answer.
+    ensure_postgres
+    ensure_wrk
     bootstrap_state
     say "done"
 }
 
-main "$@"
+# Sourced (by tests), it only defines the steps.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    main "$@"
+fi

@@ -22,6 +22,8 @@ from urllib.parse import quote
 
 import asyncpg
 
+from runtime import proctable
+
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 DB_SYSTEM_USER = "postgres"
 SUPERUSER = "llamagate"
@@ -139,7 +141,7 @@ class LocalCluster:
         try:
             pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
             # The comm check stops a stale pid file, whose pid was reused, from counting.
-            return Path(f"/proc/{pid}/comm").read_text().strip() == "postgres"
+            return proctable.program_name(pid) == "postgres"
         except (OSError, ValueError):
             return False
 

@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from runtime import proctable
+
 # A record written before start_ticks existed holds only its wall-clock started_at, which
 # is written just after the process starts. btime is whole seconds, hence the margin.
 LEGACY_START_MARGIN_SECONDS = 2.0
@@ -62,14 +64,14 @@ def is_alive(record: PidRecord) -> bool:
     The command-line and start-time checks matter because the kernel reuses pids.
     """
     try:
-        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().replace(b"\0", b" ")
-        fields = _stat_fields(record.pid)
+        cmdline = proctable.command_line(record.pid)
+        fields = proctable.stat_fields(record.pid)
         start_ticks = int(fields[19])
         if record.start_ticks is None:
-            boot_time = _boot_time()
+            boot_time = proctable.boot_time()
     except (OSError, IndexError, ValueError):
         return False
-    if fields[0] == "Z" or record.marker.encode() not in cmdline:
+    if fields[0] == "Z" or record.marker not in cmdline:
         return False
     if record.start_ticks is not None:
         return start_ticks == record.start_ticks
@@ -81,21 +83,9 @@ def is_alive(record: PidRecord) -> bool:
 def process_start_ticks(pid: int) -> int | None:
     """When pid started, in clock ticks since boot; None if it is gone."""
     try:
-        return int(_stat_fields(pid)[19])
+        return proctable.start_ticks(pid)
     except (OSError, IndexError, ValueError):
         return None
-
-
-def _stat_fields(pid: int) -> list[str]:
-    """/proc/PID/stat from field 3 (state) on; the name before it may hold spaces and ')'."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def _boot_time() -> float:
-    for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith("btime "):
-            return float(line.split()[1])
-    raise OSError("no btime line in /proc/stat")
 
 
 def group_exists(pgid: int) -> bool:

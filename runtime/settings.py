@@ -8,7 +8,6 @@ error messages that name the file to fix).
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,20 +15,22 @@ from typing import Any
 
 from dotenv import dotenv_values
 
-from proxy.config import (
-    DATABASE_KEYS,
-    GATEWAY_KEYS,
+from proxy.config import database_dsn
+
+# FALLBACK_MODEL_NAME is re-exported: the console and its tests know it from here.
+from proxy.configschema import FALLBACK_MODEL_NAME as FALLBACK_MODEL_NAME
+from proxy.configschema import (
+    KEY_NAMES,
+    KEYS,
+    ConsoleKeys,
+    DatabaseKeys,
+    GatewayKeys,
     Key,
-    database_dsn,
-    parse_host,
-    parse_optional_int,
-    parse_port,
-    parse_positive_float,
-    parse_positive_int,
-    parse_text,
+    ServerKeys,
+    build,
+    values_of,
 )
 
-FALLBACK_MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CODE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -90,127 +91,25 @@ class Paths:
         return CODE_DIR / "runtime" / ".venv" / "bin" / "python"
 
 
-def _args(value: str) -> tuple[str, ...]:
-    return tuple(shlex.split(value))
-
-
-MODEL = "Model and backend"
-CONSOLE = "Console and supervision"
-
-KEYS: tuple[Key, ...] = (
-    Key(
-        "LLAMA_MODEL",
-        FALLBACK_MODEL_NAME,
-        parse_text,
-        "GGUF file to serve: a path, or a file name in models/ (see ./console.sh models)",
-        MODEL,
-    ),
-    Key(
-        "LLAMA_MODEL_ALIAS",
-        "",
-        parse_text,
-        "name clients see for the model in /v1/models and answers (empty: its file name)",
-        MODEL,
-    ),
-    Key(
-        "LLAMA_SERVER_HOST",
-        "127.0.0.1",
-        parse_host,
-        "address llama_cpp.server listens on in single-key mode (gateway mode: 127.0.0.1)",
-        MODEL,
-    ),
-    Key("LLAMA_SERVER_PORT", "8000", parse_port, "port llama_cpp.server listens on", MODEL),
-    Key(
-        "LLAMA_API_KEY",
-        "",
-        parse_text,
-        "the backend's bearer key (generated): clients send it in single-key mode; in "
-        "gateway mode only the gateway does",
-        MODEL,
-    ),
-    Key(
-        "LLAMA_N_CTX",
-        "",
-        parse_optional_int,
-        "context window in tokens (empty: llama_cpp.server's default, 2048)",
-        MODEL,
-    ),
-    Key(
-        "LLAMA_N_THREADS",
-        "",
-        parse_optional_int,
-        "CPU threads for generation (empty: llama_cpp.server's default)",
-        MODEL,
-    ),
-    Key(
-        "LLAMA_N_GPU_LAYERS",
-        "",
-        parse_optional_int,
-        "layers to offload to the GPU, -1 for all (needs a GPU build)",
-        MODEL,
-    ),
-    Key(
-        "LLAMA_EXTRA_ARGS",
-        "",
-        _args,
-        "further llama_cpp.server flags, shell-quoted, e.g. --n_batch 256",
-        MODEL,
-    ),
-    Key(
-        "LLAMA_START_TIMEOUT_SECONDS",
-        "120",
-        parse_positive_float,
-        "how long start waits for the backend to answer before giving up",
-        CONSOLE,
-    ),
-    Key(
-        "LLAMA_STOP_GRACE_SECONDS",
-        "10",
-        parse_positive_float,
-        "how long stop waits after SIGTERM before it sends SIGKILL",
-        CONSOLE,
-    ),
-    Key(
-        "LLAMA_LOG_MAX_BYTES",
-        "10485760",
-        parse_positive_int,
-        "size at which runtime/logs/backend.log is rotated",
-        CONSOLE,
-    ),
-    Key("LLAMA_LOG_BACKUPS", "3", parse_positive_int, "rotated log files to keep", CONSOLE),
-    Key(
-        "LLAMA_RESTART_BACKOFF_SECONDS",
-        "1",
-        parse_positive_float,
-        "foreground mode: first wait before restarting a crashed backend; doubles each time",
-        CONSOLE,
-    ),
-    Key(
-        "LLAMA_RESTART_MAX_CRASHES",
-        "5",
-        parse_positive_int,
-        "foreground mode: give up after this many crashes...",
-        CONSOLE,
-    ),
-    Key(
-        "LLAMA_RESTART_WINDOW_SECONDS",
-        "300",
-        parse_positive_float,
-        "...within this many seconds",
-        CONSOLE,
-    ),
-)
-KEYS += GATEWAY_KEYS + DATABASE_KEYS
-KEY_NAMES = frozenset(key.name for key in KEYS)
-
-
 @dataclass(frozen=True)
 class Settings:
-    """The console's configuration, already parsed and validated."""
+    """The console's configuration, already parsed and validated, one section per concern."""
 
     paths: Paths
-    values: Mapping[str, Any]
+    server: ServerKeys
+    console: ConsoleKeys
+    gateway: GatewayKeys
+    database: DatabaseKeys
     sources: Mapping[str, str] = field(repr=False)
+    # Each value's text as found, so that the gateway process gets what the operator
+    # wrote rather than a re-rendering of what the console parsed.
+    texts: Mapping[str, str] = field(repr=False)
+
+    @property
+    def values(self) -> dict[str, Any]:
+        """Every value by key name, for code that walks the keys (info, tests)."""
+        sections = (self.server, self.console, self.gateway, self.database)
+        return {name: value for section in sections for name, value in values_of(section).items()}
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -220,25 +119,25 @@ class Settings:
 
     @property
     def is_gateway_mode(self) -> bool:
-        return self["LLAMA_PROXY_ENABLED"]
+        return self.gateway.enabled
 
     @property
     def backend_host(self) -> str:
         """Where the backend listens: loopback only when the gateway stands in front."""
-        return "127.0.0.1" if self.is_gateway_mode else self["LLAMA_SERVER_HOST"]
+        return "127.0.0.1" if self.is_gateway_mode else self.server.host
 
     @property
     def external_dsn(self) -> str:
         """The operator's own PostgreSQL (POSTGRES_AUTH_*), or '' for the private cluster."""
-        return database_dsn(self.values)
+        return database_dsn(values_of(self.database))
 
     @property
     def gateway_url(self) -> str:
-        return _local_url(self["LLAMA_PROXY_HOST"], self["LLAMA_PROXY_PORT"])
+        return _local_url(self.gateway.host, self.gateway.port)
 
     @property
     def backend_url(self) -> str:
-        return _local_url(self.backend_host, self["LLAMA_SERVER_PORT"])
+        return _local_url(self.backend_host, self.server.port)
 
 
 def _local_url(host: str, port: int) -> str:
@@ -272,6 +171,7 @@ def load_settings(
     layers = _read_layers(paths, flags or {}, environ, is_strict)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    texts: dict[str, str] = {}
     for key in KEYS:
         raw, source = key.default, "default"
         for layer_name, layer in layers:
@@ -285,8 +185,14 @@ def load_settings(
                 raise
             raw, source = key.default, "default"
             values[key.name] = _parse(key, raw, source)
-        sources[key.name] = source
-    return Settings(paths=paths, values=values, sources=sources)
+        sources[key.name], texts[key.name] = source, raw
+    sections = {
+        "server": build(ServerKeys, values),
+        "console": build(ConsoleKeys, values),
+        "gateway": build(GatewayKeys, values),
+        "database": build(DatabaseKeys, values),
+    }
+    return Settings(paths=paths, **sections, sources=sources, texts=texts)
 
 
 def _read_layers(
@@ -323,4 +229,4 @@ def _parse(key: Key, raw: str, source: str) -> Any:
     except ValueError as error:
         reason = str(error)
         where = f"in {source}" if source.startswith("/") else f"from the {source}"
-        raise ConfigError(f"invalid {key.name}={raw!r} {where}: {reason}; fix it there") from None
+        raise ConfigError(f"invalid {key.described(raw)} {where}: {reason}; fix it there") from None

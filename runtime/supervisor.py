@@ -1,8 +1,9 @@
 """One object per supervised process (the backend, the gateway): launch, readiness, status, stop.
 
 `ProcessSupervisor` holds what both share: the pid file checked against the command line,
-a session of its own, output through a rotating log pump, an HTTP readiness probe, and
-SIGTERM-grace-SIGKILL. Subclasses say what to run and how to probe it.
+a session of its own, output through a rotating log pump, an HTTP readiness probe,
+SIGTERM-grace-SIGKILL, and its state (runtime/states.py), changed only by checked moves.
+Subclasses say what to run and how to probe it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime import backend
+from runtime import backend, proctable
 from runtime.procs import (
     PidRecord,
     is_alive,
@@ -27,8 +28,8 @@ from runtime.procs import (
     write_pidfile,
 )
 from runtime.settings import Settings
+from runtime.states import ComponentStatus, State, checked_move
 
-SERVING, DEGRADED, STOPPED = "serving", "degraded", "stopped"
 LOG_TAIL_LINES = 15
 
 
@@ -39,20 +40,6 @@ class StartError(Exception):
         super().__init__(message)
         self.log_tail = log_tail
         self.log_path = log_path
-
-
-@dataclass(frozen=True)
-class ComponentStatus:
-    state: str
-    url: str
-    pid: int | None = None
-    model: str | None = None
-    started_at: float | None = None
-    detail: str = ""
-
-    @property
-    def is_serving(self) -> bool:
-        return self.state == SERVING
 
 
 @dataclass(frozen=True)
@@ -89,6 +76,9 @@ class ProcessSupervisor:
         self.echo = echo
         self.pidfile = settings.paths.run_dir / f"{self.name}.pid"
         self.log_path = settings.paths.logs_dir / f"{self.name}.log"
+        # What this object has done to its process, or last observed (see observe()).
+        self.state = State.STOPPED
+        self.launched: Launch | None = None
 
     @property
     def url(self) -> str:
@@ -112,7 +102,7 @@ class ProcessSupervisor:
     @property
     def stop_grace_seconds(self) -> float:
         """How long stop waits after SIGTERM before SIGKILL."""
-        return self.settings["LLAMA_STOP_GRACE_SECONDS"]
+        return self.settings.console.stop_grace_seconds
 
     def is_answering(self, url: str, timeout: float = 1.0) -> bool:
         raise NotImplementedError
@@ -124,7 +114,7 @@ class ProcessSupervisor:
         """What runs now, judged by the pid file, the process table and an HTTP probe."""
         record = read_pidfile(self.pidfile)
         if record is None:
-            return ComponentStatus(STOPPED, self.url)
+            return ComponentStatus(State.STOPPED, self.url)
         known = dict(
             pid=record.pid,
             model=record.details.get("model"),
@@ -133,23 +123,59 @@ class ProcessSupervisor:
         )
         if not is_alive(record):
             return ComponentStatus(
-                DEGRADED,
+                State.DEGRADED,
                 **known,
                 detail=f"process {record.pid} has died; run ./console.sh ensure to start it again",
             )
         if self.is_answering(known["url"]):
-            return ComponentStatus(SERVING, **known)
+            return ComponentStatus(State.SERVING, **known)
+        timeout = self.settings[self.start_timeout_key]
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            age = proctable.seconds_running(record.pid)
+            if age < timeout:
+                return ComponentStatus(
+                    State.STARTING,
+                    **known,
+                    detail=f"process {record.pid} is still starting ({age:.0f}s of the "
+                    f"{timeout:.0f}s that {self.start_timeout_key} allows)",
+                )
         return ComponentStatus(
-            DEGRADED,
+            State.DEGRADED,
             **known,
-            detail=f"process {record.pid} runs but does not answer (still loading, or hung)",
+            detail=f"process {record.pid} runs but has not answered within "
+            f"{self.start_timeout_key} ({timeout:.0f}s): it hangs",
         )
 
-    def start(self) -> ComponentStatus:
-        """Launch and return once it answers; raise StartError otherwise."""
-        self.check_port_free()
-        self.wait_until_ready(self.launch())
+    def observe(self) -> ComponentStatus:
+        """status(), adopted as this object's state: whoever started the process, it is ours now."""
+        current = self.status()
+        self.state = current.state
+        return current
+
+    def move_to(self, target: State) -> None:
+        """Make a move that states.MOVES allows; anything else is a bug (TransitionError)."""
+        self.state = checked_move(self.name, self.state, target)
+
+    def start(self, is_cancelled: Callable[[], bool] = lambda: False) -> ComponentStatus:
+        """Launch and return once it answers; else raise StartError, leaving nothing behind."""
+        self.move_to(State.STARTING)
+        try:
+            self.check_port_free()
+            self.launched = self.launch()
+            self.wait_until_ready(self.launched, is_cancelled)
+        except StartError:
+            self.move_to(State.FAILED)
+            self.stop()
+            raise
+        self.move_to(State.SERVING)
         return self.status()
+
+    def poll_exit(self) -> int | None:
+        """The exit code of the process this object launched, once it has exited (FAILED then)."""
+        returncode = self.launched.poll() if self.launched else None
+        if returncode is not None and self.state == State.SERVING:
+            self.move_to(State.FAILED)
+        return returncode
 
     def launch(self) -> Launch:
         """Spawn the child in a session of its own, its output piped to the log."""
@@ -179,7 +205,7 @@ class ProcessSupervisor:
         self, launched: Launch, is_cancelled: Callable[[], bool] = lambda: False
     ) -> None:
         """Poll until it answers, the process exits, or the start timeout passes."""
-        timeout = self.settings[self.start_timeout_key]
+        timeout = self.settings.console.start_timeout_seconds
         started = time.monotonic()
         next_progress = started + 10
         while time.monotonic() - started < timeout and not is_cancelled():
@@ -191,7 +217,7 @@ class ProcessSupervisor:
                 self.echo(f"still starting the {self.name} ({time.monotonic() - started:.0f}s)...")
                 next_progress += 10
             time.sleep(0.1)
-        self.stop()
+        self._end_process()  # first, so that the log pump ends and the tail is complete
         if is_cancelled():
             raise StartError(f"start cancelled: a stop was requested while the {self.name} started")
         raise StartError(
@@ -203,10 +229,13 @@ class ProcessSupervisor:
 
     def stop(self) -> bool:
         """SIGTERM, a grace period, then SIGKILL of its group; True if one was running."""
+        was_running = self._end_process()
+        self.move_to(State.STOPPED)
+        return was_running
+
+    def _end_process(self) -> bool:
         record = read_pidfile(self.pidfile)
-        if record is None:
-            return False
-        was_running = is_alive(record)
+        was_running = record is not None and is_alive(record)
         if was_running:
             terminate_group(record.pid, self.stop_grace_seconds)
         remove_pidfile(self.pidfile)
@@ -242,8 +271,8 @@ class ProcessSupervisor:
             "-m",
             "runtime.logpump",
             str(self.log_path),
-            str(self.settings["LLAMA_LOG_MAX_BYTES"]),
-            str(self.settings["LLAMA_LOG_BACKUPS"]),
+            str(self.settings.console.log_max_bytes),
+            str(self.settings.console.log_backups),
         ]
         # A session of its own, like the child: the pump reads until the child's pipe
         # closes, so it never outlives it (no orphan to track).
@@ -298,7 +327,7 @@ class BackendSupervisor(ProcessSupervisor):
 
     @property
     def listen_address(self) -> tuple[str, int, str]:
-        return self.settings.backend_host, self.settings["LLAMA_SERVER_PORT"], "LLAMA_SERVER_PORT"
+        return self.settings.backend_host, self.settings.server.port, "LLAMA_SERVER_PORT"
 
     def command(self) -> list[str]:
         return backend.backend_command(self.settings, self._model())

@@ -21,6 +21,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from runtime import proctable
 from runtime.bench.stack import free_port
 from runtime.bootstrap import ensure_fallback_model
 from runtime.procs import read_pidfile
@@ -45,16 +46,13 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str =
 def processes_matching(*needles: str) -> list[int]:
     """Pids of live (non-zombie) processes whose command line contains every needle."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in proctable.all_pids():
         try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline, state = proctable.command_line(pid), proctable.state(pid)
         except (OSError, IndexError):
             continue
         if state != "Z" and all(needle in cmdline for needle in needles):
-            found.append(int(entry.name))
+            found.append(pid)
     return found
 
 

@@ -22,7 +22,7 @@ DEADLINE = 5.0  # seconds; only there so that a broken gateway fails instead of 
 
 
 def gateway_config(dsn: str, backend_url: str, tmp_path: Path, **overrides) -> ProxyConfig:
-    """A ProxyConfig for tests: small limits, short waits, files under tmp_path."""
+    """A ProxyConfig for tests: small limits, short waits, files under tmp_path; else defaults."""
     config = ProxyConfig(
         host="127.0.0.1",
         port=0,
@@ -30,23 +30,14 @@ def gateway_config(dsn: str, backend_url: str, tmp_path: Path, **overrides) -> P
         backend_key=BACKEND_KEY,
         dsn=dsn,
         spool_path=tmp_path / "requests.spool",
-        restart_flag=None,
         rate_limit=100,
-        rate_window_seconds=60.0,
         max_body_bytes=10_000,
         backend_wait_seconds=5.0,
-        backend_concurrency=1,
-        queue_max_per_user=32,
-        queue_max_total=256,
         queue_timeout_seconds=30.0,
         upstream_timeout_seconds=30.0,
         drain_seconds=1.0,
         auth_outage_grace_seconds=300.0,
-        metrics_token="",
         auth_failures_per_minute=10_000,  # tests that exercise it set their own
-        request_max_seconds=600.0,
-        max_tokens=4096,
-        me_cache_seconds=1.0,
     )
     return replace(config, **overrides)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 from conftest import clean_environ
 
+from runtime import proctable
 from runtime.settings import CODE_DIR
 
 START_DEADLINE = 60.0  # seconds; generous, the machine is shared
@@ -41,10 +42,7 @@ class GatewayProcess:
 
     def rss_kb(self) -> int:
         """Resident memory of the gateway process right now, in kB."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS in /proc status")
+        return int(proctable.status_value(self.pid, "VmRSS").split()[0])
 
     def stop(self) -> int:
         """SIGTERM, as the console stops it (drain, then flush the request log)."""

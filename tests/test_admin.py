@@ -22,13 +22,13 @@ from conftest import ConsoleHome
 from proxy import store
 from proxy.admin import cli
 from proxy.adminsupport import AdminEnv, parse_duration, parse_since, run
-from proxy.config import DATABASE_KEYS
+from proxy.configschema import DatabaseKeys, keys_of
 from proxy.migrations import migrate
 from runtime.settings import CODE_DIR
 
 KEY_PATTERN = re.compile(r"lgk_[0-9a-f]{12}_[A-Za-z0-9_-]{43,}")
 UNREACHABLE_DSN = "postgresql://u:sekrit@127.0.0.1:1/x"
-NO_DATABASE_ENV = {key.name: None for key in DATABASE_KEYS}
+NO_DATABASE_ENV = {key.name: None for key in keys_of(DatabaseKeys)}
 
 
 def invoke(dsn: str | None, *args: str, input: str | None = None) -> Result:

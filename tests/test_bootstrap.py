@@ -116,3 +116,14 @@ def test_set_config_value_does_not_touch_a_key_with_a_longer_name(tmp_path):
     path.write_text("LLAMA_MODEL_ALIAS=alias\nLLAMA_MODEL=a.gguf\n")
     set_config_value(path, "LLAMA_MODEL", "b.gguf")
     assert path.read_text() == "LLAMA_MODEL_ALIAS=alias\nLLAMA_MODEL=b.gguf\n"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["/models/my model.gguf", "a #not a comment", "it's", 'say "hi"', "C:\\x\\", ""],
+)
+def test_set_config_value_quotes_a_value_so_that_it_reads_back_unchanged(config_env, value):
+    set_config_value(config_env, "LLAMA_MODEL_ALIAS", value)
+    settings = load_settings(Paths(root=config_env.parent.parent), {}, {})
+    assert settings["LLAMA_MODEL_ALIAS"] == value
+    assert mode_of(config_env) == 0o600

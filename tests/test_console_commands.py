@@ -13,6 +13,7 @@ from conftest import TEST_API_KEY, link_or_copy
 from runtime.bootstrap import ensure_config
 from runtime.cli import cli
 from runtime.configfile import set_config_value
+from runtime.info import render_info
 from runtime.settings import CODE_DIR, FALLBACK_MODEL_NAME, Paths, load_settings
 
 
@@ -169,6 +170,13 @@ def test_info_works_with_everything_down_and_hides_the_api_key(home):
     assert "stopped" in output
     assert TEST_API_KEY not in output and generated not in output
     assert "(set, hidden)" in output
+
+
+def test_info_keeps_the_configuration_table_aligned_for_long_key_names(tmp_path):
+    report = render_info(Paths(root=tmp_path))
+    rows = report.split("\n\n")[0].splitlines()[1:]
+    assert any(len(line.split()[0]) > 30 for line in rows)  # such as ..._GRACE_SECONDS
+    assert {line.rindex(" default") for line in rows} == {rows[0].rindex(" default")}
 
 
 def test_info_shows_an_invalid_config_value_and_still_exits_0(home):

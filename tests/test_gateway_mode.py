@@ -231,6 +231,17 @@ def test_a_busy_gateway_port_is_named_and_nothing_is_left_running(gateway_home):
     assert gateway_home.backend_pids() == []
 
 
+@pytest.mark.parametrize("how", [(), ("--foreground",)], ids=["start", "foreground"])
+def test_a_backend_that_fails_to_start_leaves_no_gateway_behind(gateway_home, how):
+    # One start path, one order: database, backend, gateway. The gateway is never
+    # launched (its log never begun) when the backend cannot start.
+    result = gateway_home.run("start", *how, LLAMA_EXTRA_ARGS="--no_such_flag 1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "--no_such_flag" in result.stderr
+    assert not (gateway_home.root / "runtime" / "logs" / "proxy.log").exists()
+    assert gateway_home.run("status").returncode == 3
+
+
 def test_an_unreachable_database_is_named_without_its_password(gateway_home):
     result = gateway_home.run("start", POSTGRES_AUTH_DSN="postgresql://gate:sekrit@127.0.0.1:1/x")
     assert result.returncode == 1
@@ -249,3 +260,19 @@ def test_the_gateway_honours_the_restart_flag_as_long_as_a_restart_can_take(tmp_
     gateway = GatewaySupervisor(settings, dsn="postgresql://u@/db?host=/tmp", environ=environ)
     config = load_config(gateway.environment())
     assert config.restart_flag_max_age_seconds == 7 + 600 + 35
+
+
+def test_the_gateway_gets_each_setting_as_written_not_as_the_console_parsed_it(tmp_path):
+    environ = {
+        "LLAMA_PROXY_ENABLED": "yes",
+        "LLAMA_PROXY_RATE_WINDOW_SECONDS": "90",
+        "LLAMA_API_KEY": TEST_API_KEY,
+    }
+    settings = load_settings(Paths(tmp_path), environ=environ)
+    gateway = GatewaySupervisor(settings, dsn="postgresql://u@/db?host=/tmp", environ=environ)
+    passed = gateway.environment()
+    assert (passed["LLAMA_PROXY_ENABLED"], passed["LLAMA_PROXY_RATE_WINDOW_SECONDS"]) == (
+        "yes",
+        "90",
+    )
+    assert load_config(passed).rate_window_seconds == 90.0

@@ -105,3 +105,21 @@ def test_a_failure_marker_older_than_the_quiet_time_is_retried(tmp_path):
     assert run.returncode != 0
     assert python_calls(env) > 0
     assert "Python 3.11 or newer is needed" in marker.read_text()
+
+
+def uses_external_postgres(root: Path) -> int:
+    """The installer's answer for a state root: 0 if the settings name a server of one's own."""
+    env = {"PATH": os.environ["PATH"], "LLAMAGATE_ROOT": str(root)}
+    script = CODE_DIR / "runtime" / "install.sh"
+    command = ["bash", "-c", 'source "$1" && uses_external_postgres', "bash", str(script)]
+    return subprocess.run(command, env=env, timeout=60, check=False).returncode
+
+
+def test_the_installer_asks_the_settings_loader_whether_postgresql_is_needed(tmp_path):
+    root = tmp_path / "root"
+    (root / "runtime").mkdir(parents=True)
+    (root / "runtime" / "config.env").write_text("POSTGRES_AUTH_DSN=postgresql://gate@db/llama\n")
+    assert uses_external_postgres(root) == 0
+    # An empty key in .env hides config.env's for the console, so for the installer too.
+    (root / ".env").write_text("POSTGRES_AUTH_DSN=\n")
+    assert uses_external_postgres(root) == 1

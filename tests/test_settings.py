@@ -175,3 +175,17 @@ def test_env_example_lists_every_key():
     text = (CODE_DIR / ".env.example").read_text()
     missing = [key.name for key in KEYS if f"\n{key.name}=" not in text]
     assert missing == []
+
+
+def test_agents_md_documents_every_key_in_its_tables():
+    text = (CODE_DIR / "agents.md").read_text()
+    missing = [key.name for key in KEYS if f"\n| `{key.name}` |" not in text]
+    assert missing == []
+
+
+def test_an_invalid_dsn_names_the_key_and_file_but_not_the_password(paths):
+    write_dotenv(paths, "POSTGRES_AUTH_DSN=postgresql://gate:sekrit@db:port/llama\n")
+    with pytest.raises(ConfigError) as error:
+        load_settings(paths, {}, {})
+    assert "POSTGRES_AUTH_DSN" in str(error.value) and str(paths.dotenv) in str(error.value)
+    assert "sekrit" not in str(error.value)

@@ -7,11 +7,12 @@ import json
 import os
 import signal
 import subprocess
-from pathlib import Path
+import sys
 
 import openai
 from conftest import CODE_DIR, TEST_API_KEY, wait_for
 
+from runtime import backend, proctable
 from runtime.procs import terminate_group
 from runtime.settings import Paths, load_settings
 from runtime.supervisor import BackendSupervisor
@@ -53,27 +54,56 @@ def test_pid_file_naming_another_program_is_not_trusted(home):
         stranger.pump.wait()
 
 
+class LoadingLauncher(StrangerLauncher):
+    """Launches a process that carries the backend's marker and never opens its port,
+    as llama_cpp.server does while its model loads."""
+
+    def command(self) -> list[str]:
+        port = str(self.settings["LLAMA_SERVER_PORT"])
+        script = "import time; time.sleep(300)"
+        return [sys.executable, "-c", script, backend.SERVER_MODULE, "--port", port]
+
+
+def test_status_reports_a_loading_backend_as_starting_then_as_degraded(home):
+    settings = load_settings(Paths(root=home.root), {}, home.env)
+    loading = LoadingLauncher(settings, echo=lambda line: None).launch()
+    try:
+        wait_for(lambda: home.backend_pids() == [loading.pid], what="the loading lookalike")
+        result = home.run("status", "--json")
+        assert result.returncode == 4, result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        assert report["state"] == "starting"
+        assert report["backend"]["state"] == "starting"
+        assert "still starting" in report["backend"]["detail"]
+        # Past its start timeout, a process that still does not answer hangs.
+        wait_for(
+            lambda: home.run("status", LLAMA_START_TIMEOUT_SECONDS="1").returncode == 1,
+            what="status to call the silent backend degraded",
+        )
+        hung = json.loads(home.run("status", "--json", LLAMA_START_TIMEOUT_SECONDS="1").stdout)
+        assert hung["backend"]["state"] == "degraded"
+        assert "LLAMA_START_TIMEOUT_SECONDS" in hung["backend"]["detail"]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(loading.pid, signal.SIGKILL)
+        loading.process.wait()
+        loading.pump.wait()
+
+
 def sigterm_is_ignored(pid: int) -> bool:
     """True once the process has set SIGTERM to be ignored (its SigIgn mask in /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("SigIgn:"):
-            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
-    return False
+    return bool(int(proctable.status_value(pid, "SigIgn"), 16) & (1 << (signal.SIGTERM - 1)))
 
 
 def live_members_of_group(pgid: int) -> list[int]:
     """Pids of the group's processes that still run (zombies waiting for a reaper do not)."""
     members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in proctable.all_pids():
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if proctable.process_group(pid) == pgid and proctable.state(pid) != "Z":
+                members.append(pid)
         except OSError:
             continue
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state != "Z":
-            members.append(int(entry.name))
     return members
 
 

@@ -10,8 +10,8 @@ latency is just connections / throughput, so throughput is the figure that count
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from runtime import proctable
 from runtime.bench.client import chat
 from runtime.bench.loadgen import WrkResult, run_wrk
 from runtime.bench.report import ADDED, RATIO, Row
@@ -81,10 +81,10 @@ def per_request_ms(connections: int, result: WrkResult) -> float | None:
 
 def rss_mb(pid: int) -> float:
     """Resident set size of a process, from /proc, in MB (2^20 bytes)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+    try:
+        return int(proctable.status_value(pid, "VmRSS").split()[0]) / 1024
+    except ValueError:
+        return 0.0
 
 
 def memory_row(gateway_pid: int) -> Row:

@@ -1,0 +1,104 @@
+"""How a configuration value's text becomes a value: one parser per kind of key.
+
+Each raises ValueError with a reason that completes "invalid KEY='text' from SOURCE: ".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import shlex
+from urllib.parse import urlsplit
+
+
+def parse_text(value: str) -> str:
+    return value
+
+
+def parse_whole_number(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
+def parse_optional_int(value: str) -> int | None:
+    return None if value == "" else parse_whole_number(value)
+
+
+def parse_non_negative_int(value: str) -> int:
+    number = parse_whole_number(value)
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
+def parse_positive_int(value: str) -> int:
+    number = parse_whole_number(value)
+    if number < 1:
+        raise ValueError("must be 1 or more")
+    return number
+
+
+def parse_positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if number <= 0:
+        raise ValueError("must be greater than 0")
+    return number
+
+
+def parse_non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be 0 (fail closed) or a finite number of seconds")
+    return number
+
+
+def parse_port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise ValueError("must be a port number from 1 to 65535")
+    return int(value)
+
+
+def parse_optional_port(value: str) -> int | None:
+    return None if value == "" else parse_port(value)
+
+
+def parse_host(value: str) -> str:
+    if value != "localhost":
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError("must be an IP address such as 127.0.0.1, or localhost") from None
+    return value
+
+
+def parse_flag(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be 1 or 0")
+
+
+def parse_dsn(value: str) -> str:
+    if not value:
+        return value
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError("must be a postgresql:// URL") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("must be a postgresql:// URL")
+    return value
+
+
+def parse_args(value: str) -> tuple[str, ...]:
+    return tuple(shlex.split(value))
