@@ -22,11 +22,11 @@ import aiohttp
 import asyncpg
 import pytest
 import pytest_asyncio
+from conftest import free_port
 from gatewayhelpers import (
     add_user,
     bearer,
     chat,
-    free_port,
     gateway_config,
     wait_until,
 )
