@@ -39,21 +39,22 @@ def parse_positive_int(value: str) -> int:
     return number
 
 
-def parse_positive_float(value: str) -> float:
+def parse_seconds(value: str) -> float:
     try:
-        number = float(value)
+        return float(value)
     except ValueError:
         raise ValueError("must be a number of seconds") from None
+
+
+def parse_positive_float(value: str) -> float:
+    number = parse_seconds(value)
     if number <= 0:
         raise ValueError("must be greater than 0")
     return number
 
 
 def parse_non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
+    number = parse_seconds(value)
     if not number >= 0 or number == float("inf"):
         raise ValueError("must be 0 (fail closed) or a finite number of seconds")
     return number
