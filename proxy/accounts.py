@@ -18,6 +18,7 @@ from proxy.keys import KEY_ID_HEX_CHARS, NewKey, generate_key
 USERNAME_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 KEY_ID_PATTERN = re.compile(rf"[0-9a-f]{{{KEY_ID_HEX_CHARS}}}")
 MAX_RATE_LIMIT = 2_147_483_647  # the users.rate_limit column is a 4-byte integer
+MAX_CONCURRENCY_LIMIT = 2_147_483_647  # users.concurrency_limit is one too
 MAX_EXPIRES_DAYS = 36_500
 DEFAULT_ROTATION_GRACE = timedelta(hours=24)
 
@@ -64,6 +65,7 @@ class UserRow:
     is_disabled: bool
     created_at: datetime
     active_keys: int
+    concurrency_limit: int | None  # None: the gateway's default; 0: no cap
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,16 @@ def validate_rate_limit(rate_limit: int | None) -> int | None:
     return rate_limit
 
 
+def validate_concurrency_limit(concurrency_limit: int | None) -> int | None:
+    """A per-user cap on requests at the backend at once (0: none), or None for the default."""
+    if concurrency_limit is not None and not 0 <= concurrency_limit <= MAX_CONCURRENCY_LIMIT:
+        raise InvalidValue(
+            f"invalid concurrency {concurrency_limit}: give how many requests at once, "
+            f"0 for no cap, or 'default'"
+        )
+    return concurrency_limit
+
+
 def key_lifetime(expires_days: int | None) -> timedelta | None:
     """How long a new key lives, or None for a key that never expires."""
     if expires_days is None:
@@ -136,7 +148,8 @@ _USER_COLUMNS = """
     u.username, u.rate_limit, u.is_disabled, u.created_at,
     (SELECT count(*) FROM api_keys AS k
      WHERE k.user_id = u.id AND k.revoked_at IS NULL
-       AND (k.expires_at IS NULL OR k.expires_at > now())) AS active_keys
+       AND (k.expires_at IS NULL OR k.expires_at > now())) AS active_keys,
+    u.concurrency_limit
 """
 
 
@@ -327,6 +340,20 @@ async def set_limit(conn: asyncpg.Connection, username: str, rate_limit: int | N
     updated = await conn.fetchval(
         "UPDATE users SET rate_limit = $1 WHERE username = $2 RETURNING id",
         rate_limit,
+        validate_username(username),
+    )
+    if updated is None:
+        raise unknown_user(username)
+
+
+async def set_concurrency_limit(
+    conn: asyncpg.Connection, username: str, concurrency_limit: int | None
+) -> None:
+    """Set a user's own cap on requests at the backend at once; None returns it to the default."""
+    validate_concurrency_limit(concurrency_limit)
+    updated = await conn.fetchval(
+        "UPDATE users SET concurrency_limit = $1 WHERE username = $2 RETURNING id",
+        concurrency_limit,
         validate_username(username),
     )
     if updated is None:

@@ -20,6 +20,7 @@ from proxy.adminsupport import (
     USAGE_FIELDS,
     AdminEnv,
     AdminGroup,
+    describe_concurrency,
     describe_duration,
     describe_limit,
     duration_option,
@@ -126,7 +127,7 @@ def create_user(
 @json_option
 @pass_env
 def list_users(env: AdminEnv, as_json: bool) -> None:
-    """List every user: status, rate limit and working keys (never the keys themselves).
+    """List every user: status, limits and working keys (never the keys themselves).
 
     \b
     Example:
@@ -139,12 +140,13 @@ def list_users(env: AdminEnv, as_json: bool) -> None:
         click.echo("no users yet; create one with: create-user --username NAME")
     else:
         echo_table(
-            ("USER", "STATUS", "RATE LIMIT", "ACTIVE KEYS", "CREATED"),
+            ("USER", "STATUS", "RATE LIMIT", "CONCURRENCY", "ACTIVE KEYS", "CREATED"),
             (
                 (
                     u.username,
                     status(u),
                     describe_limit(u.rate_limit),
+                    describe_concurrency(u.concurrency_limit),
                     u.active_keys,
                     when(u.created_at),
                 )
@@ -183,6 +185,7 @@ def show_user(env: AdminEnv, username: str, as_json: bool) -> None:
     click.echo(f"user:        {user.username}")
     click.echo(f"status:      {status(user)}")
     click.echo(f"rate limit:  {describe_limit(user.rate_limit)}")
+    click.echo(f"concurrency: {describe_concurrency(user.concurrency_limit)}")
     click.echo(f"created:     {when(user.created_at)}")
     click.echo(f"requests:    {detail.request_count} (last: {when(detail.last_request_at)})")
     click.echo("keys:")
@@ -348,27 +351,61 @@ def rotate_key(
 
 
 @cli.command("set-limit")
-@click.argument("values", nargs=-1, metavar="[NAME] LIMIT")
+@click.argument("values", nargs=-1, metavar="[NAME] [LIMIT]")
 @click.option("--username", "-u", "option_name", metavar="NAME", help="The user.")
+@click.option(
+    "--concurrency",
+    metavar="N",
+    help="Requests at the backend at once: N, 0 for no cap, or 'default'.",
+)
 @pass_env
-def set_limit(env: AdminEnv, values: tuple[str, ...], option_name: str | None) -> None:
-    """Set a user's rate limit: LIMIT requests per window, or 'default' for the gateway's.
+def set_limit(
+    env: AdminEnv, values: tuple[str, ...], option_name: str | None, concurrency: str | None
+) -> None:
+    """Set a user's limits: LIMIT requests per window, and/or --concurrency N at once.
 
-    The window is LLAMA_PROXY_RATE_WINDOW_SECONDS; the default LLAMA_PROXY_RATE_LIMIT.
+    LIMIT is per LLAMA_PROXY_RATE_WINDOW_SECONDS, 'default' for LLAMA_PROXY_RATE_LIMIT.
+    --concurrency caps the user's requests at the backend at once, on each gateway; the
+    rest wait their turn in the queue. 0 is no cap, 'default' LLAMA_PROXY_USER_CONCURRENCY.
 
     \b
     Example:
         bin/user_management_cli.sh set-limit --username alice 600
         bin/user_management_cli.sh set-limit --username alice default
+        bin/user_management_cli.sh set-limit alice --concurrency 1
     """
-    if len(values) != (1 if option_name else 2):
+    name, limit_text = split_limit_arguments(values, option_name, concurrency is not None)
+    username = pick_username(name, option_name)
+    rate_limit = parse_limit(limit_text) if limit_text is not None else None
+    concurrency_limit = parse_concurrency(concurrency) if concurrency is not None else None
+
+    async def apply(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():  # both or neither
+            if limit_text is not None:
+                await accounts.set_limit(conn, username, rate_limit)
+            if concurrency is not None:
+                await accounts.set_concurrency_limit(conn, username, concurrency_limit)
+
+    run(env, apply)
+    if limit_text is not None:
+        click.echo(f"rate limit of {username!r}: {describe_limit(rate_limit)}")
+    if concurrency is not None:
+        click.echo(f"concurrency of {username!r}: {describe_concurrency(concurrency_limit)}")
+
+
+def split_limit_arguments(
+    values: tuple[str, ...], option_name: str | None, is_limit_optional: bool
+) -> tuple[str | None, str | None]:
+    """set-limit's positional NAME (unless --username gave it) and LIMIT (None: not given)."""
+    rest = list(values)
+    name = None if option_name or not rest else rest.pop(0)
+    if len(rest) > 1 or not (rest or is_limit_optional):
         raise CliError(
-            "give the user and the limit: set-limit --username NAME LIMIT", EXIT_BAD_INPUT
+            "give the user and the limit: set-limit --username NAME LIMIT, "
+            "or set-limit NAME --concurrency N",
+            EXIT_BAD_INPUT,
         )
-    username = pick_username(values[0] if len(values) == 2 else None, option_name)
-    rate_limit = parse_limit(values[-1])
-    run(env, functools.partial(accounts.set_limit, username=username, rate_limit=rate_limit))
-    click.echo(f"rate limit of {username!r}: {describe_limit(rate_limit)}")
+    return name, rest[0] if rest else None
 
 
 def parse_limit(text: str) -> int | None:
@@ -379,6 +416,19 @@ def parse_limit(text: str) -> int | None:
     except ValueError:
         raise CliError(
             f"invalid limit {text!r}: give a number of requests per window, or 'default'",
+            EXIT_BAD_INPUT,
+        ) from None
+
+
+def parse_concurrency(text: str) -> int | None:
+    if text.strip().lower() == "default":
+        return None
+    try:
+        return accounts.validate_concurrency_limit(int(text))
+    except ValueError:
+        raise CliError(
+            f"invalid concurrency {text!r}: give how many requests at once, 0 for no cap, "
+            f"or 'default'",
             EXIT_BAD_INPUT,
         ) from None
 

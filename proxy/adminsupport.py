@@ -230,6 +230,12 @@ def describe_limit(rate_limit: int | None) -> str:
     return "default" if rate_limit is None else f"{rate_limit}/window"
 
 
+def describe_concurrency(concurrency_limit: int | None) -> str:
+    if concurrency_limit is None:
+        return "default"
+    return "no cap" if concurrency_limit == 0 else f"{concurrency_limit} at once"
+
+
 def echo_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2))
 

@@ -53,6 +53,7 @@ class Identity:
     key_id: str
     rate_limit: int | None
     digest: bytes = field(default=b"", repr=False)  # to re-check the key later, cheaply
+    concurrency_limit: int | None = None  # None: the gateway's default; 0: no cap
 
 
 def extract_key(headers: Mapping[str, str]) -> str:
@@ -151,7 +152,9 @@ def judge(record: store.KeyRecord | None, now: datetime, digest: bytes = b"") ->
     if refused is not None:
         raise unauthorized(refused[1])
     assert record is not None
-    return Identity(record.username, record.key_id, record.rate_limit, digest)
+    return Identity(
+        record.username, record.key_id, record.rate_limit, digest, record.concurrency_limit
+    )
 
 
 class Authenticator:

@@ -250,6 +250,13 @@ class GatewayKeys:
         parse_positive_float,
         "how long a request may wait in the queue before it gets 503",
     )
+    user_concurrency: int = setting(
+        "LLAMA_PROXY_USER_CONCURRENCY",
+        "0",
+        parse_non_negative_int,
+        "requests one user may have at the backend at once, per gateway; more wait their "
+        "turn in the queue (0: no cap; a user's own cap overrides it)",
+    )
     upstream_timeout_seconds: float = setting(
         "LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS",
         "600",

@@ -251,7 +251,8 @@ async def forward_in_turn(
     inflight = request.app[appkeys.INFLIGHT]
     entry = request[appkeys.INFLIGHT_ENTRY] = inflight.add(identity.key_id, identity.username)
     try:
-        async with request.app[appkeys.QUEUE].slot(identity.username) as waited:
+        cap = concurrency_cap(identity, request.app[appkeys.CONFIG].user_concurrency)
+        async with request.app[appkeys.QUEUE].slot(identity.username, cap) as waited:
             record.queue_ms = waited * 1000
             request.app[appkeys.METRICS].queue_wait.observe(waited)
             await recheck_at_grant(request, identity, entry)
@@ -268,6 +269,11 @@ async def forward_in_turn(
         ) from None
     finally:
         inflight.remove(entry)
+
+
+def concurrency_cap(identity: Identity, default: int) -> int:
+    """How many of the user's requests may be at the backend at once (0: no cap)."""
+    return default if identity.concurrency_limit is None else identity.concurrency_limit
 
 
 async def list_models(request: web.Request) -> web.StreamResponse:

@@ -235,6 +235,19 @@ async def m006_request_repeat_count(conn: asyncpg.Connection) -> None:
     )
 
 
+async def m008_user_concurrency_limit(conn: asyncpg.Connection) -> None:
+    # How many of a user's requests may be at the backend at once: NULL follows
+    # LLAMA_PROXY_USER_CONCURRENCY, 0 is no cap. An UPDATE of users already notifies every
+    # gateway (m002), so a change reaches their auth caches, and the caps with them.
+    # (Number 7 belongs to the token quotas, written on another branch at the same time.)
+    await conn.execute(
+        """
+        ALTER TABLE users ADD COLUMN IF NOT EXISTS concurrency_limit integer
+            CHECK (concurrency_limit >= 0)
+        """
+    )
+
+
 Migration = Callable[[asyncpg.Connection], Awaitable[None]]
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, m001_users_keys_requests),
@@ -243,6 +256,7 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (4, m004_rate_slot_leases),
     (5, m005_notify_on_truncate),
     (6, m006_request_repeat_count),
+    (8, m008_user_concurrency_limit),
 )
 
 

@@ -8,6 +8,13 @@ not been served for a while (or ever) is at the front of the line. A flooder wit
 requests waiting therefore delays a newcomer's single request by at most the one request
 that is already running, whatever the order of arrival.
 
+A user may also have a cap of their own: at most that many of their requests hold a slot
+at once (set-limit --concurrency). A capped user is simply not a candidate for a free slot
+while at their cap, so the slot goes to the next user by the same rule, and their own
+next request becomes a candidate again when one of theirs finishes. Requests over the cap
+wait; they are not refused. So a free slot can coexist with waiters only when every one
+of them belongs to a user at their cap.
+
 Over a cap, or after waiting too long, a request is refused with a Retry-After estimated
 from how long slots have been held recently. Turning refusals into HTTP is the caller's job.
 """
@@ -84,27 +91,36 @@ class FairQueue:
         self._waiting = 0
         self._queues: dict[str, deque[Waiter]] = {}  # only users with waiters
         self._last_grant: dict[str, int] = {}  # user -> number of their latest grant
+        self._holding: dict[str, int] = {}  # user -> slots they hold, only users holding any
+        self._caps: dict[str, int] = {}  # user -> their cap, for capped users holding or waiting
         self._grants = itertools.count()
         self._arrivals = itertools.count()
         self._avg_hold = INITIAL_HOLD_SECONDS
 
     @asynccontextmanager
-    async def slot(self, user: str) -> AsyncIterator[float]:
-        """Wait for a turn at the backend; yield the seconds spent waiting."""
+    async def slot(self, user: str, cap: int = 0) -> AsyncIterator[float]:
+        """Wait for a turn at the backend; yield the seconds spent waiting.
+
+        `cap` is how many slots this user may hold at once (0: no cap of their own).
+        """
         arrived = self._clock()
-        # _free > 0 implies nobody is waiting, but both are checked so the rule reads plainly.
-        if self._free and not self._waiting:
-            self._free -= 1
-            self._last_grant[user] = next(self._grants)
+        self._note_cap(user, cap)
+        # A free slot with waiters means they are all at their caps (see the docstring),
+        # so a user below theirs, with nothing waiting, may take it at once.
+        if self._free and user not in self._queues and self._is_below_cap(user):
+            self._grant(user)
             granted = arrived
         else:
-            await self._wait_turn(user)
+            try:
+                await self._wait_turn(user)
+            finally:
+                self._forget_cap_if_idle(user)  # a refused or abandoned request leaves none
             granted = self._clock()
         try:
             yield granted - arrived
         finally:
             self._record_hold(self._clock() - granted)
-            self._release()
+            self._release(user)
 
     def stats(self) -> QueueStats:
         """Slots in use and requests waiting, for /metrics and /readyz."""
@@ -133,27 +149,67 @@ class FairQueue:
                 self._forget(user, waiter)
             else:
                 # Granted in the same instant it was cancelled: the slot is ours, pass it on.
-                self._release()
+                self._release(user)
             if isinstance(exc, TimeoutError):
                 raise QueueTimeout("waited too long in the queue", self._retry_after()) from None
             raise
 
-    def _release(self) -> None:
+    def _note_cap(self, user: str, cap: int) -> None:
+        # The newest request carries the user's current cap (an admin may have changed it);
+        # a raised cap may let their waiting requests in at once. Only caps are stored, so
+        # the common uncapped request costs one dictionary lookup here.
+        if cap == self._caps.get(user, 0):
+            return
+        if cap:
+            self._caps[user] = cap
+        else:
+            del self._caps[user]
+        if user in self._queues:
+            self._dispatch()
+
+    def _is_below_cap(self, user: str) -> bool:
+        cap = self._caps.get(user)
+        return not cap or self._holding.get(user, 0) < cap
+
+    def _forget_cap_if_idle(self, user: str) -> None:
+        if user in self._caps and user not in self._holding and user not in self._queues:
+            del self._caps[user]
+
+    def _grant(self, user: str) -> None:
+        self._free -= 1
+        self._holding[user] = self._holding.get(user, 0) + 1
+        self._last_grant[user] = next(self._grants)
+
+    def _release(self, user: str) -> None:
+        held = self._holding[user] - 1
+        if held:
+            self._holding[user] = held
+        else:
+            del self._holding[user]
+        self._free += 1
+        if self._queues:
+            self._dispatch()
+        self._forget_cap_if_idle(user)
+
+    def _dispatch(self) -> None:
+        """Hand free slots to waiters, by the rule in the module docstring."""
         # Cancelled waiters may still be queued until their task runs; skip them, or the
         # slot would go to a request that is already gone.
-        while (turn := self._pop_next()) is not None:
+        while self._free and (turn := self._pop_next()) is not None:
             user, future = turn
             if not future.done():
-                self._last_grant[user] = next(self._grants)
-                future.set_result(None)  # the slot passes straight to it; _free is unchanged
-                return
-        self._free += 1
+                self._grant(user)
+                future.set_result(None)
 
     def _pop_next(self) -> tuple[str, asyncio.Future[None]] | None:
-        if not self._queues:
-            return None
         # Never granted sorts first (-1); ties between such users go by arrival.
-        user = min(self._queues, key=lambda u: (self._last_grant.get(u, -1), self._queues[u][0][0]))
+        user = min(
+            (u for u in self._queues if self._is_below_cap(u)),
+            key=lambda u: (self._last_grant.get(u, -1), self._queues[u][0][0]),
+            default=None,
+        )
+        if user is None:
+            return None
         queue = self._queues[user]
         _, future = queue.popleft()
         if not queue:
@@ -163,7 +219,7 @@ class FairQueue:
 
     def _forget(self, user: str, waiter: Waiter) -> None:
         queue = self._queues.get(user)
-        if queue is None or waiter not in queue:  # already skipped over by _release
+        if queue is None or waiter not in queue:  # already skipped over by _dispatch
             return
         queue.remove(waiter)
         if not queue:

@@ -113,13 +113,15 @@ class KeyRecord:
     is_disabled: bool
     expires_at: datetime | None
     revoked_at: datetime | None
+    concurrency_limit: int | None = None  # None: the gateway's default; 0: no cap
 
 
 async def fetch_key(pool: asyncpg.Pool, digest: bytes) -> KeyRecord | None:
     """The key with this digest and its user, or None."""
     row = await pool.fetchrow(
         """
-        SELECT k.key_id, u.username, u.rate_limit, u.is_disabled, k.expires_at, k.revoked_at
+        SELECT k.key_id, u.username, u.rate_limit, u.is_disabled, k.expires_at, k.revoked_at,
+               u.concurrency_limit
         FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
         WHERE k.digest = $1
         """,

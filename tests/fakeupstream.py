@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -48,6 +49,9 @@ class FakeUpstream:
         self.cut_short = 0  # streams whose client went away before [DONE]
         # When set, a stream stays open after [DONE] until this is set (a slow end of stream).
         self.end_of_stream: asyncio.Event | None = None
+        # Chat requests being answered right now, and the most at once, by the body's "user".
+        self.answering: Counter[str] = Counter()
+        self.peak_answering: dict[str, int] = {}
 
     def make_app(self) -> web.Application:
         app = web.Application()
@@ -87,6 +91,17 @@ class FakeUpstream:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self._note(request, body)
+        user = str(body.get("user"))
+        self.answering[user] += 1
+        self.peak_answering[user] = max(self.peak_answering.get(user, 0), self.answering[user])
+        try:
+            return await self._answer_chat(request, body)
+        finally:
+            self.answering[user] -= 1
+            if not self.answering[user]:
+                del self.answering[user]
+
+    async def _answer_chat(self, request: web.Request, body: dict) -> web.StreamResponse:
         if not body.get("stream"):
             await self._turn()
             return web.json_response({"choices": [{"message": {"content": "hi"}}], "usage": USAGE})

@@ -274,3 +274,119 @@ async def test_retry_after_follows_hold_times_and_grows_with_the_queue():
     # One running plus one waiting ahead at 10 s each; then one running plus five waiting.
     assert short_queue.retry_after == 20
     assert long_queue.retry_after == 60
+
+
+# --- per-user concurrency caps -------------------------------------------------------------
+
+
+class Holders:
+    """Requests that each keep their slot until released one by one, noting what they saw."""
+
+    def __init__(self, queue: FairQueue) -> None:
+        self.queue = queue
+        self.order: list[str] = []  # names, in the order they were granted
+        self.gates: dict[str, asyncio.Event] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.holding: dict[str, int] = {}  # user -> slots held right now
+        self.peak: dict[str, int] = {}  # user -> most slots held at once
+
+    async def arrive(self, user: str, name: str, cap: int = 0) -> None:
+        """Start a request; return once it holds a slot or waits in line."""
+        before = self.queue.stats()
+        self.gates[name] = asyncio.Event()
+        self.tasks[name] = asyncio.create_task(self._hold(user, name, cap))
+        await wait_until(lambda: self.queue.stats() != before)
+
+    async def _hold(self, user: str, name: str, cap: int) -> None:
+        async with self.queue.slot(user, cap):
+            self.order.append(name)
+            self.holding[user] = self.holding.get(user, 0) + 1
+            self.peak[user] = max(self.peak.get(user, 0), self.holding[user])
+            await self.gates[name].wait()
+            self.holding[user] -= 1
+
+    async def finish(self, name: str) -> None:
+        self.gates[name].set()
+        await asyncio.wait_for(self.tasks[name], DEADLINE)
+
+
+@pytest.mark.asyncio
+async def test_a_user_at_their_cap_waits_while_another_user_takes_the_free_slot():
+    holders = Holders(make_queue(concurrency=2))
+    await holders.arrive("a", "a1", cap=1)
+    await holders.arrive("a", "a2", cap=1)
+    assert holders.order == ["a1"]
+    assert holders.queue.stats() == QueueStats(active=1, waiting=1, waiting_by_user={"a": 1})
+
+    await holders.arrive("b", "b1")  # arrived after a2, served before it: a is at its cap
+    assert holders.order == ["a1", "b1"]
+    assert holders.queue.stats() == QueueStats(active=2, waiting=1, waiting_by_user={"a": 1})
+
+    await holders.finish("a1")
+    await wait_until(lambda: holders.order == ["a1", "b1", "a2"])
+    for name in ("b1", "a2"):
+        await holders.finish(name)
+    assert holders.peak == {"a": 1, "b": 1}
+    assert holders.queue.stats() == QueueStats(active=0, waiting=0, waiting_by_user={})
+
+
+@pytest.mark.asyncio
+async def test_a_capped_users_burst_is_served_in_full_never_more_at_once_than_the_cap():
+    holders = Holders(make_queue(concurrency=4))
+    for i in range(6):
+        await holders.arrive("a", f"a{i}", cap=2)
+    assert holders.order == ["a0", "a1"]
+    assert holders.queue.stats() == QueueStats(active=2, waiting=4, waiting_by_user={"a": 4})
+
+    for i in range(6):
+        await holders.finish(f"a{i}")
+    assert holders.order == [f"a{i}" for i in range(6)]  # none refused, first in first out
+    assert holders.peak == {"a": 2}
+
+
+@pytest.mark.asyncio
+async def test_when_the_next_user_in_turn_is_at_their_cap_the_slot_goes_to_the_one_after():
+    holders = Holders(make_queue(concurrency=2))
+    await holders.arrive("a", "a1", cap=1)
+    await holders.arrive("c", "c0")  # granted after a1: a's turn comes before c's next
+    await holders.arrive("a", "a2", cap=1)
+    await holders.arrive("c", "c1")
+    await holders.finish("c0")  # a2 is next in turn, but a still holds a1
+    await wait_until(lambda: holders.order[-1] == "c1")
+    assert holders.queue.stats().waiting_by_user == {"a": 1}
+
+    await holders.finish("a1")
+    await wait_until(lambda: holders.order[-1] == "a2")
+    for name in ("c1", "a2"):
+        await holders.finish(name)
+    assert holders.order == ["a1", "c0", "c1", "a2"]
+    assert holders.peak == {"a": 1, "c": 1}
+
+
+@pytest.mark.asyncio
+async def test_a_raised_cap_lets_the_users_waiting_requests_in_at_once():
+    holders = Holders(make_queue(concurrency=3))
+    await holders.arrive("a", "a1", cap=1)
+    await holders.arrive("a", "a2", cap=1)
+    assert holders.order == ["a1"]
+
+    await holders.arrive("a", "a3", cap=3)  # set-limit raised the cap meanwhile
+    await wait_until(lambda: len(holders.order) == 3)
+    assert holders.queue.stats() == QueueStats(active=3, waiting=0, waiting_by_user={})
+    for name in ("a1", "a2", "a3"):
+        await holders.finish(name)
+    assert holders.queue.stats() == QueueStats(active=0, waiting=0, waiting_by_user={})
+
+
+@pytest.mark.asyncio
+async def test_a_capped_request_still_times_out_and_the_next_request_brings_the_new_cap():
+    queue = make_queue(concurrency=2, timeout=0.05)
+    async with queue.slot("a", cap=1):
+        with pytest.raises(QueueTimeout):
+            async with queue.slot("a", cap=1):
+                pytest.fail("a request got a slot over its user's cap")
+        assert queue.stats() == QueueStats(active=1, waiting=0, waiting_by_user={})
+    # The user's next request, with no cap, takes both slots at once.
+    async with queue.slot("a"), queue.slot("a") as waited:
+        assert waited == 0.0
+    assert queue.stats() == QueueStats(active=0, waiting=0, waiting_by_user={})
