@@ -89,19 +89,6 @@ class UserDetail:
     last_request_at: datetime | None
 
 
-@dataclass(frozen=True)
-class UsageRow:
-    """One user's traffic in the request log; username is None for unauthenticated calls."""
-
-    username: str | None
-    requests: int
-    errors: int
-    prompt_tokens: int
-    completion_tokens: int
-    avg_duration_ms: float
-    last_request_at: datetime
-
-
 def validate_username(username: str) -> str:
     """The username if it is 1-64 letters, digits or . _ - @; InvalidValue otherwise."""
     if not USERNAME_PATTERN.fullmatch(username):
@@ -358,45 +345,6 @@ async def set_concurrency_limit(
     )
     if updated is None:
         raise unknown_user(username)
-
-
-async def usage(
-    conn: asyncpg.Connection, since: datetime | None = None, username: str | None = None
-) -> list[UsageRow]:
-    """Requests per user from the request log, busiest first; optionally one user, or recent."""
-    if username is not None:
-        validate_username(username)
-        # A deleted user's log rows are still worth showing; only a name never seen is an error.
-        is_known = await conn.fetchval(
-            """
-            SELECT EXISTS (SELECT 1 FROM users WHERE username = $1)
-                OR EXISTS (SELECT 1 FROM llama_requests WHERE username = $1)
-            """,
-            username,
-        )
-        if not is_known:
-            raise UnknownUser(
-                f"no user named {username!r} and no requests from one; see list-users"
-            )
-    rows = await conn.fetch(
-        """
-        SELECT username,
-               sum(repeat_count) AS requests,  -- folded anonymous refusals count each
-               coalesce(sum(repeat_count) FILTER (WHERE status_code >= 400), 0) AS errors,
-               coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-               coalesce(sum(completion_tokens), 0) AS completion_tokens,
-               avg(duration_ms) AS avg_duration_ms,
-               max(created_at) AS last_request_at
-        FROM llama_requests
-        WHERE ($1::timestamptz IS NULL OR created_at >= $1)
-          AND ($2::text IS NULL OR username = $2)
-        GROUP BY username
-        ORDER BY requests DESC, username NULLS LAST
-        """,
-        since,
-        username,
-    )
-    return [UsageRow(**dict(row)) for row in rows]
 
 
 async def count_older_requests(conn: asyncpg.Connection, older_than: timedelta) -> int:

@@ -14,10 +14,10 @@ from datetime import datetime, timedelta
 import asyncpg
 import click
 
-from proxy import accounts
+from proxy import accounts, reports
 from proxy.adminsupport import (
     MAX_DURATION,
-    USAGE_FIELDS,
+    USAGE_HEADINGS,
     AdminEnv,
     AdminGroup,
     describe_concurrency,
@@ -37,6 +37,8 @@ from proxy.adminsupport import (
     record,
     run,
     since_option,
+    usage_fields,
+    usage_record,
     user_argument,
     when,
 )
@@ -434,15 +436,31 @@ def parse_concurrency(text: str) -> int | None:
 
 
 @cli.command()
-@click.option("--since", callback=since_option, metavar="WHEN", help="7d, 24h or 2026-11-01.")
+@click.option("--since", callback=since_option, metavar="WHEN", help="From: 7d, 24h or 2026-11-01.")
+@click.option(
+    "--until", callback=since_option, metavar="WHEN", help="Up to (not including), as --since."
+)
+@click.option(
+    "--by",
+    default="user",
+    show_default=True,
+    metavar="user|day|model",
+    help="Group by user, UTC day or model.",
+)
 @click.option("--user", "username", metavar="NAME", help="Only this user.")
 @json_option
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV.")
 @pass_env
 def usage(
-    env: AdminEnv, since: datetime | None, username: str | None, as_json: bool, as_csv: bool
+    env: AdminEnv,
+    since: datetime | None,
+    until: datetime | None,
+    by: str,
+    username: str | None,
+    as_json: bool,
+    as_csv: bool,
 ) -> None:
-    """Requests, errors, tokens and latency per user, from the request log.
+    """Requests, errors, tokens and latency per user, UTC day or model, from the request log.
 
     Unauthenticated requests (401s) are counted under an empty user.
 
@@ -450,25 +468,32 @@ def usage(
     Example:
         bin/user_management_cli.sh usage --since 7d
         bin/user_management_cli.sh usage --since 2026-11-01 --user alice --csv
+        bin/user_management_cli.sh usage --by day --since 2026-11-01 --until 2026-12-01
+        bin/user_management_cli.sh usage --by model --since 24h --json
     """
     if as_json and as_csv:
         raise CliError("choose one of --json and --csv", EXIT_BAD_INPUT)
+    column = reports.group_column(by)
+    reports.check_span(since, until)
     if username is not None:
         accounts.validate_username(username)
-    rows = run(env, functools.partial(accounts.usage, since=since, username=username))
-    records = [record(row) for row in rows]
+    rows = run(
+        env,
+        functools.partial(reports.usage, since=since, until=until, username=username, by=by),
+    )
+    records = [usage_record(row, column) for row in rows]
     if as_json:
         echo_json(records)
     elif as_csv:
-        echo_csv(records, USAGE_FIELDS)
+        echo_csv(records, usage_fields(column))
     elif not rows:
         click.echo("no requests logged in that period")
     else:
         echo_table(
-            ("USER", "REQUESTS", "ERRORS", "PROMPT TOK", "COMPL TOK", "AVG MS", "LAST"),
+            (USAGE_HEADINGS[by], "REQUESTS", "ERRORS", "PROMPT TOK", "COMPL TOK", "AVG MS", "LAST"),
             (
                 (
-                    r.username or "-",
+                    r.group or "-",
                     r.requests,
                     r.errors,
                     r.prompt_tokens,

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import asyncpg
 import click
 
-from proxy import accounts, store
+from proxy import accounts, reports, store
 from proxy.clierrors import EXIT_BAD_INPUT, CliError, ErrorMappingGroup
 from proxy.config import ProxyConfigError, database_dsn, load_section
 from proxy.configschema import DatabaseKeys, GatewayKeys, values_of
@@ -38,7 +38,8 @@ BAD_DSN = (
     "the database address is not a valid postgresql://user:password@host:port/db URL; "
     "check POSTGRES_AUTH_DSN, or POSTGRES_AUTH_HOST, _PORT, _DB, _USER and _PASSWORD"
 )
-USAGE_FIELDS = [field.name for field in dataclasses.fields(accounts.UsageRow)]
+# The first column of usage's table, per grouping.
+USAGE_HEADINGS = {"user": "USER", "day": "DAY", "model": "MODEL"}
 T = TypeVar("T")
 
 
@@ -150,15 +151,18 @@ def parse_duration(text: str) -> timedelta:
     return duration
 
 
-def parse_since(text: str, now: datetime) -> datetime:
-    """A duration back from now ('7d'), or a date or time ('2026-11-01', UTC unless given)."""
+def parse_since(text: str, now: datetime, option: str = "--since") -> datetime:
+    """A duration back from now ('7d'), or a date or time ('2026-11-01', UTC unless given).
+
+    `option` names the option in the error: --until is read the same way.
+    """
     with contextlib.suppress(ValueError):
         return now - parse_duration(text)
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ValueError(
-            f"invalid --since {text!r}: use a duration such as 7d or 24h, "
+            f"invalid {option} {text!r}: use a duration such as 7d or 24h, "
             f"or a date such as 2026-11-01"
         ) from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
@@ -172,10 +176,11 @@ def describe_duration(duration: timedelta) -> str:
 
 
 def since_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """A click callback for --since and --until: a moment, read by parse_since."""
     if value is None:
         return None
     try:
-        return parse_since(value, datetime.now(UTC))
+        return parse_since(value, datetime.now(UTC), f"--{param.name}")
     except ValueError as error:
         raise CliError(str(error), EXIT_BAD_INPUT) from None
 
@@ -224,6 +229,16 @@ def record(row: Any) -> dict[str, Any]:
     """A dataclass row as a JSON-ready dict, times in ISO 8601."""
     values = {field.name: getattr(row, field.name) for field in dataclasses.fields(row)}
     return {name: iso(v) if isinstance(v, datetime) else v for name, v in values.items()}
+
+
+def usage_fields(column: str) -> list[str]:
+    """usage's CSV columns: the group's (username, day or model), then the figures."""
+    return [column] + [field.name for field in dataclasses.fields(reports.UsageRow)][1:]
+
+
+def usage_record(row: reports.UsageRow, column: str) -> dict[str, Any]:
+    """A usage row as JSON or CSV wants it: the group under its own name."""
+    return {column if name == "group" else name: v for name, v in record(row).items()}
 
 
 def describe_limit(rate_limit: int | None) -> str:

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from proxy import accounts, store
+from proxy import accounts, reports, store
 from proxy.migrations import migrate
 
 
@@ -122,11 +122,11 @@ async def test_usage_still_shows_a_deleted_users_requests(conn: asyncpg.Connecti
     await log_request(conn, "alice", timedelta(0))
     await accounts.delete_user(conn, "alice")
 
-    [row] = await accounts.usage(conn, username="alice")
+    [row] = await reports.usage(conn, username="alice")
 
-    assert (row.username, row.requests) == ("alice", 1)
+    assert (row.group, row.requests) == ("alice", 1)
     with pytest.raises(accounts.UnknownUser):
-        await accounts.usage(conn, username="nobody")
+        await reports.usage(conn, username="nobody")
 
 
 @pytest.mark.asyncio

@@ -70,7 +70,8 @@ def log_requests(dsn: str, *rows: dict[str, object]) -> None:
     tuples = []
     for row in rows:
         values = {**defaults, "request_id": uuid.uuid4().hex, **row}
-        values["created_at"] = now - values.pop("age", timedelta(0))
+        age = values.pop("age", timedelta(0))
+        values.setdefault("created_at", now - age)  # a row may give its own time instead
         tuples.append(tuple(values[column] for column in store.REQUEST_COLUMNS))
 
     async def insert() -> None:
