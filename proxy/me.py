@@ -1,4 +1,4 @@
-"""GET /v1/me: the caller's own name, limit, remaining allowance and usage.
+"""GET /v1/me: the caller's own name, limits, remaining allowance and usage.
 
 Clients poll /v1/me (dashboards, `watch curl`), and each answer costs two database
 queries, so a user's figures come from a short cache (proxy/usercache.py). The key is
@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy import appkeys, store
 from proxy.errors import unavailable
-from proxy.handlers import authenticate
+from proxy.handlers import authenticate, concurrency_cap
 from proxy.usercache import UserFigures
 
 
@@ -47,6 +47,8 @@ async def me(request: web.Request) -> web.Response:
                 "window_seconds": config.rate_window_seconds,
                 "remaining": max(limit - figures.rate_slots_used, 0),
             },
+            # Requests at the backend at once, on each gateway; null: no cap.
+            "concurrency": {"limit": concurrency_cap(identity, config.user_concurrency) or None},
             "usage_last_24h": figures.usage_last_24h,
         }
     )

@@ -63,3 +63,22 @@ async def test_a_capped_users_requests_never_overlap_at_the_backend_while_others
     assert await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE) == [200] * 3
     assert upstream.peak_answering == {"alice": 1, "bob": 1}
     assert [s.body["user"] for s in upstream.seen] == ["alice", "alice", "bob", "alice"]
+
+
+@pytest.mark.asyncio
+async def test_v1_me_shows_the_gateway_default_cap_then_the_users_own(start_gateway, db):
+    gateway = await start_gateway(user_concurrency=3)
+    key = await add_user(db, "alice")
+    cache = gateway.app[appkeys.AUTHENTICATOR].cache
+
+    async def shown_cap() -> int | None:
+        response = await gateway.get("/v1/me", headers=bearer(key))
+        assert response.status == 200
+        return (await response.json())["concurrency"]["limit"]
+
+    assert await shown_cap() == 3
+    for own, shown in ((1, 1), (0, None)):  # 0: no cap for alice, shown as null
+        generation = cache.generation
+        await db.execute("UPDATE users SET concurrency_limit = $1 WHERE username = 'alice'", own)
+        await wait_until(lambda g=generation: cache.generation != g, "the change to arrive")
+        assert await shown_cap() == shown
