@@ -1,4 +1,9 @@
-"""Forwarding one admitted request to llama_cpp.server and its answer back, unbuffered.
+"""Forwarding one admitted request to a backend and its answer back, unbuffered.
+
+The pool (proxy/pool.py) names the backend. One that refuses the connection or fails
+before its first byte is marked down and the request goes to the next, with no error to
+the client; only when every backend has failed does the client get 502 (or, while the
+console restarts the backends, wait for one).
 
 Only the fixed route path is sent upstream (never the client's raw path or query), with
 the internal backend key instead of the client's credentials. Server-sent events are
@@ -31,6 +36,7 @@ from proxy.deadlines import (
     write_within,
 )
 from proxy.errors import GatewayError, bad_gateway, error_body, unavailable
+from proxy.pool import Backend, BackendPool, Lease
 from proxy.requestlog import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,18 @@ RETRY_INTERVAL_SECONDS = 0.1
 CLIENT_GONE = 499
 # Failures before any answer arrived: refused, reset, or a pooled connection gone stale.
 CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
+# A relayed answer that ended with these, and not over the request cap, was the backend's fault.
+BACKEND_FAILED_STATUSES = (502, 504)
+
+
+class BackendFailed(Exception):
+    """A backend failed before its first byte; the request may go to another."""
+
+    def __init__(self, reason: str, is_timeout: bool = False, may_be_stale: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.is_timeout = is_timeout  # silent past LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS
+        self.may_be_stale = may_be_stale  # a pooled connection it closed: worth one retry
 
 
 class UsageCounter:
@@ -103,12 +121,12 @@ class UsageCounter:
 
 
 class Forwarder:
-    """Sends requests to the backend over one pooled session."""
+    """Sends requests to the pool's backends over one pooled session."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession,
-        backend_url: str,
+        pool: BackendPool,
         backend_key: str,
         wait_seconds: float,
         restart_flag: Path | None,
@@ -117,7 +135,7 @@ class Forwarder:
         deadlines: Deadlines | None = None,
     ) -> None:
         self.session = session
-        self.backend_url = backend_url
+        self.pool = pool
         self.backend_key = backend_key
         self.wait_seconds = wait_seconds
         self.restart_flag = restart_flag
@@ -166,47 +184,112 @@ class Forwarder:
         }
         deadline = asyncio.get_running_loop().time() + self.deadlines.request_max_seconds
         async with within_cap(deadline, self.deadlines):
-            upstream = await self._send(request.method, route, body, headers)
-        async with upstream:
-            content_type = upstream.headers.get("Content-Type", "application/json")
-            if content_type.startswith("text/event-stream"):
-                return await self._relay_stream(request, upstream, content_type, record, deadline)
-            async with within_cap(deadline, self.deadlines):
-                return await self._relay_whole(upstream, content_type, record)
+            lease, upstream = await self._send(request.method, route, body, headers)
+        is_failed = True
+        try:
+            async with upstream:
+                content_type = upstream.headers.get("Content-Type", "application/json")
+                if content_type.startswith("text/event-stream"):
+                    response = await self._relay_stream(
+                        request, upstream, content_type, record, deadline
+                    )
+                else:
+                    async with within_cap(deadline, self.deadlines):
+                        response = await self._relay_whole(upstream, content_type, record)
+            is_failed = self._is_backend_failure(record)
+            return response
+        except GatewayError as error:
+            is_failed = error.status == 502  # the backend broke off a whole answer
+            raise
+        except BaseException:
+            is_failed = False  # the client went, or the request ran over its cap
+            raise
+        finally:
+            self.pool.release(lease, is_failed)
+
+    def _is_backend_failure(self, record: RequestRecord) -> bool:
+        return (
+            record.status_code in BACKEND_FAILED_STATUSES
+            and record.error != self.deadlines.too_long_message()
+        )
 
     async def _send(
         self, method: str, route: str, body: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
-        """The upstream response; waits out a restart, else 502/503."""
+    ) -> tuple[Lease, aiohttp.ClientResponse]:
+        """A backend's response, trying each backend once; waits out a restart, else 502/503."""
         deadline = time.monotonic() + self.wait_seconds
-        attempt = 0
+        has_waited = False
         while True:
-            attempt += 1
-            try:
-                return await self.session.request(
-                    method, self.backend_url + route, data=body or None, headers=headers
-                )
-            except CONNECT_ERRORS as error:
-                if attempt == 1:
-                    continue  # perhaps a pooled connection the backend had just closed
-                if not self.is_restarting():
-                    raise bad_gateway(
-                        f"the model backend is not reachable ({type(error).__name__}); "
-                        f"the operator can check it with ./console.sh status"
-                    ) from None
-                if time.monotonic() >= deadline:
-                    raise unavailable(
-                        "the model backend is restarting; try again shortly",
-                        retry_after=self.wait_seconds,
-                        code="backend_restarting",
-                    ) from None
-                if attempt == 2:
-                    self.on_restart_wait()
-                await asyncio.sleep(RETRY_INTERVAL_SECONDS)
-            except TimeoutError:
-                raise GatewayError(
-                    504, "the model backend did not answer in time", "server_error", "timeout"
+            tried: set[int] = set()
+            failure: BackendFailed | None = None
+            while (lease := await self.pool.acquire(tried)) is not None:
+                tried.add(lease.backend.index)
+                try:
+                    return lease, await self._attempt(lease.backend, method, route, body, headers)
+                except BackendFailed as failed:
+                    failure = failed
+                    self.pool.release(lease, is_failed=True)
+                    self.pool.mark_down(lease.backend, failed.reason)
+                except BaseException:
+                    self.pool.release(lease, is_failed=False)
+                    raise
+            if (failure is not None and failure.is_timeout) or not self.is_restarting():
+                raise self._no_backend_error(failure, len(tried))
+            if time.monotonic() >= deadline:
+                raise unavailable(
+                    "the model backend is restarting; try again shortly",
+                    retry_after=self.wait_seconds,
+                    code="backend_restarting",
                 ) from None
+            if not has_waited:
+                has_waited = True
+                self.on_restart_wait()
+            await asyncio.sleep(RETRY_INTERVAL_SECONDS)
+
+    async def _attempt(
+        self, backend: Backend, method: str, route: str, body: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        """The backend's response head; BackendFailed if it fails before its first byte."""
+        try:
+            return await self._request(backend, method, route, body, headers)
+        except BackendFailed as failed:
+            if not failed.may_be_stale:
+                raise
+        # Perhaps a pooled connection the backend had just closed: once more, on a new one.
+        return await self._request(backend, method, route, body, headers)
+
+    async def _request(
+        self, backend: Backend, method: str, route: str, body: bytes, headers: dict[str, str]
+    ) -> aiohttp.ClientResponse:
+        try:
+            # A failed health probe brings this deadline forward: the backend hangs.
+            async with asyncio.timeout(None) as first_byte:
+                backend.first_byte_waits.add(first_byte)
+                try:
+                    return await self.session.request(
+                        method, backend.url + route, data=body or None, headers=headers
+                    )
+                finally:
+                    backend.first_byte_waits.discard(first_byte)
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            raise BackendFailed(type(error).__name__) from None  # nothing listens there
+        except CONNECT_ERRORS as error:
+            raise BackendFailed(type(error).__name__, may_be_stale=True) from None
+        except TimeoutError as error:
+            if first_byte.expired():
+                raise BackendFailed("no answer, and it failed its health probe") from None
+            raise BackendFailed(type(error).__name__, is_timeout=True) from None
+
+    def _no_backend_error(self, failure: BackendFailed | None, tried: int) -> GatewayError:
+        if failure is not None and failure.is_timeout:
+            return GatewayError(
+                504, "the model backend did not answer in time", "server_error", "timeout"
+            )
+        reason = failure.reason if failure is not None else "every backend is busy or down"
+        which = "the model backend is" if tried <= 1 else f"none of the {tried} model backends is"
+        return bad_gateway(
+            f"{which} not reachable ({reason}); the operator can check it with ./console.sh status"
+        )
 
     async def _relay_whole(
         self, upstream: aiohttp.ClientResponse, content_type: str, record: RequestRecord
