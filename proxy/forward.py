@@ -261,24 +261,29 @@ class Forwarder:
     async def _request(
         self, backend: Backend, method: str, route: str, body: bytes, headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
+        # A failed health probe cancels this task's wait (the backend hangs); the task is
+        # cancelled the way asyncio.timeout does it, which costs 6 us more per request.
+        task = asyncio.current_task()
+        assert task is not None
+        waits = backend.first_byte_waits
+        waits[task] = False
         try:
-            # A failed health probe brings this deadline forward: the backend hangs.
-            async with asyncio.timeout(None) as first_byte:
-                backend.first_byte_waits.add(first_byte)
-                try:
-                    return await self.session.request(
-                        method, backend.url + route, data=body or None, headers=headers
-                    )
-                finally:
-                    backend.first_byte_waits.discard(first_byte)
+            return await self.session.request(
+                method, backend.url + route, data=body or None, headers=headers
+            )
+        except asyncio.CancelledError:
+            # Unless the client went too (or the request cap ran out), it was only the probe.
+            if waits[task] and task.uncancel() == 0:
+                raise BackendFailed("no answer, and it failed its health probe") from None
+            raise
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
             raise BackendFailed(type(error).__name__) from None  # nothing listens there
         except CONNECT_ERRORS as error:
             raise BackendFailed(type(error).__name__, may_be_stale=True) from None
         except TimeoutError as error:
-            if first_byte.expired():
-                raise BackendFailed("no answer, and it failed its health probe") from None
             raise BackendFailed(type(error).__name__, is_timeout=True) from None
+        finally:
+            del waits[task]
 
     def _no_backend_error(self, failure: BackendFailed | None, tried: int) -> GatewayError:
         if failure is not None and failure.is_timeout:

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,9 @@ class Backend:
     errors: int = 0  # attempts that failed, before their first byte or mid-answer
     seconds_busy: float = 0.0  # slot-seconds held by requests
     last_used: int = -1  # the number of its latest turn; never used sorts first
-    # Requests waiting for its first byte, each under an open-ended deadline that a
-    # failed probe brings forward to now, so that a hung backend lets go of them.
-    first_byte_waits: set[asyncio.Timeout] = field(default_factory=set)
+    # The tasks of requests waiting for its first byte, and whether a failed probe has
+    # cancelled the wait (the backend hangs) so that they go to another backend.
+    first_byte_waits: dict[asyncio.Task[Any], bool] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -56,7 +56,7 @@ class Backend:
         return self.busy < self.slots
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lease:
     """One request's slot on one backend."""
 
@@ -86,16 +86,23 @@ class BackendPool:
 
     def pick(self, tried: Collection[int]) -> Backend | None | Literal["wait"]:
         """The backend for a request that has tried `tried`; WAIT for a slot; None: none left."""
-        untried = [backend for backend in self.backends if backend.index not in tried]
-        up = [backend for backend in untried if backend.is_up]
-        free = [backend for backend in up if backend.has_free_slot]
-        if not free and up:
-            return WAIT
-        if not free:
-            free = [backend for backend in untried if backend.has_free_slot]
-        if not free:
-            return None
-        return min(free, key=lambda backend: (backend.last_used, backend.index))
+        # One pass, no lists: this runs for every request.
+        free_up: Backend | None = None
+        free_down: Backend | None = None
+        has_busy_up = False
+        for backend in self.backends:
+            if backend.index in tried:
+                continue
+            if backend.busy >= backend.slots:
+                has_busy_up = has_busy_up or backend.is_up
+            elif backend.is_up:
+                if free_up is None or backend.last_used < free_up.last_used:
+                    free_up = backend
+            elif free_down is None or backend.last_used < free_down.last_used:
+                free_down = backend
+        if free_up is not None:
+            return free_up
+        return WAIT if has_busy_up else free_down
 
     async def acquire(self, tried: Collection[int] = ()) -> Lease | None:
         """A slot on the backend pick() names, waiting for one if need be; None: none left."""
@@ -141,9 +148,11 @@ class BackendPool:
 
     def abandon_first_byte_waits(self, backend: Backend) -> None:
         """Make every request still waiting for this backend's first byte give up on it."""
-        now = asyncio.get_running_loop().time()
-        for waiting in backend.first_byte_waits:
-            waiting.reschedule(now)
+        waits = backend.first_byte_waits
+        for task, is_abandoned in waits.items():
+            if not is_abandoned:
+                waits[task] = True
+                task.cancel()
 
     def _wake_waiters(self) -> None:
         # Every waiter looks again; the first one woken takes the slot. Few ever wait:
