@@ -20,6 +20,7 @@ from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
 from proxy.deadlines import Deadlines
+from proxy.dispatch import Dispatcher
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
 from proxy.inflight import InFlightRequests
 from proxy.me import me
@@ -144,14 +145,17 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
         auto_decompress=False,
     )
-    app[appkeys.FORWARDER] = Forwarder(
+    dispatcher = Dispatcher(
         session,
         app[appkeys.BACKENDS],
-        config.backend_key,
         config.backend_wait_seconds,
         config.restart_flag,
         on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
         restart_flag_max_age=config.restart_flag_max_age_seconds,
+    )
+    app[appkeys.FORWARDER] = Forwarder(
+        dispatcher,
+        config.backend_key,
         deadlines=Deadlines(config.client_timeout_seconds, config.request_max_seconds),
     )
     prober = app[appkeys.PROBER] = BackendProber(

@@ -314,11 +314,11 @@ async def check_readiness(app: web.Application) -> dict[str, str]:
 
 
 async def _check_backend(app: web.Application) -> str:
-    """ "ok" while at least one backend serves (the probes keep the pool's view current)."""
+    """Ok while at least one backend serves; the probes keep the pool's view current."""
     backends = app[appkeys.BACKENDS]
     if backends.serving():
         return "ok"
-    state = "restarting" if app[appkeys.FORWARDER].is_restarting() else "unreachable"
+    state = "restarting" if app[appkeys.FORWARDER].dispatcher.is_restarting() else "unreachable"
     return f"{state} ({backends.backends[0].problem})"
 
 
