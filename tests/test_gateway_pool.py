@@ -38,6 +38,27 @@ class HangingUpstream(FakeUpstream):
         return await handler(request)
 
 
+class DroppingUpstream(FakeUpstream):
+    """A fake backend that answers its probes but hangs up on every chat request unanswered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def make_app(self) -> web.Application:
+        app = super().make_app()
+        app.middlewares.append(self.drop_chats)
+        return app
+
+    @web.middleware
+    async def drop_chats(self, request: web.Request, handler) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            self.dropped += 1
+            request.transport.abort()
+            raise web.HTTPInternalServerError()  # never sent: the connection is gone
+        return await handler(request)
+
+
 def url_of(server) -> str:
     return str(server.make_url("")).rstrip("/")
 
@@ -71,6 +92,28 @@ async def test_requests_go_to_the_other_backend_when_one_refuses_connections(
     refused = backends_of(gateway)[0]
     assert (refused.is_up, refused.requests, refused.errors) == (False, 1, 1)
     assert refused.problem == "ClientConnectorError"
+
+
+@pytest.mark.asyncio
+async def test_a_request_whose_backend_hangs_up_before_answering_goes_to_the_other(
+    start_gateway, db, aiohttp_server
+):
+    dropping, healthy = DroppingUpstream(), FakeUpstream()
+    servers = [await aiohttp_server(upstream.make_app()) for upstream in (dropping, healthy)]
+    gateway = await start_gateway(backend_url=",".join(url_of(server) for server in servers))
+    await gateway.app[appkeys.PROBER].stop()  # its probes answer: it would rejoin
+    key = await add_user(db, "alice")
+    response = await gateway.post(
+        "/v1/chat/completions", json=chat(stream=True), headers=bearer(key)
+    )
+    assert response.status == 200
+    assert (await response.read()).endswith(b"data: [DONE]\n\n")
+    assert chats_seen(healthy) == 1
+    # Hung up on twice: once more in case it was a pooled connection gone stale.
+    assert dropping.dropped == 2
+    dropped = backends_of(gateway)[0]
+    assert (dropped.is_up, dropped.requests, dropped.errors) == (False, 1, 1)
+    assert dropped.problem == "ServerDisconnectedError"
 
 
 @pytest.mark.asyncio
