@@ -59,6 +59,18 @@ class DroppingUpstream(FakeUpstream):
         return await handler(request)
 
 
+class BreakingUpstream(FakeUpstream):
+    """A fake backend whose streams send one event and then break off (a killed backend)."""
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self._note(request, await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"delta": {"content": "tok"}}]}\n\n')
+        request.transport.abort()
+        return response
+
+
 def url_of(server) -> str:
     return str(server.make_url("")).rstrip("/")
 
@@ -114,6 +126,23 @@ async def test_a_request_whose_backend_hangs_up_before_answering_goes_to_the_oth
     dropped = backends_of(gateway)[0]
     assert (dropped.is_up, dropped.requests, dropped.errors) == (False, 1, 1)
     assert dropped.problem == "ServerDisconnectedError"
+
+
+@pytest.mark.asyncio
+async def test_a_stream_broken_mid_way_ends_with_an_error_event_and_counts_for_its_backend(
+    start_gateway, db, aiohttp_server
+):
+    breaking = BreakingUpstream()
+    gateway = await start_gateway(backend_url=url_of(await aiohttp_server(breaking.make_app())))
+    key = await add_user(db, "alice")
+    response = await gateway.post(
+        "/v1/chat/completions", json=chat(stream=True), headers=bearer(key)
+    )
+    body = await asyncio.wait_for(response.read(), DEADLINE)
+    assert response.status == 200  # sent before the break
+    assert b'"code": "backend_failed"' in body
+    backend = backends_of(gateway)[0]
+    assert (backend.busy, backend.requests, backend.errors) == (0, 1, 1)
 
 
 @pytest.mark.asyncio
