@@ -20,10 +20,13 @@ from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
 from proxy.deadlines import Deadlines
+from proxy.dispatch import Dispatcher
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
 from proxy.inflight import InFlightRequests
 from proxy.me import me
 from proxy.metrics import Metrics
+from proxy.pool import BackendPool
+from proxy.probe import BackendProber
 from proxy.queue import FairQueue
 from proxy.ratelimit import SharedLimiter
 from proxy.readiness import ReadinessCache
@@ -46,14 +49,15 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.CONFIG] = config
     app[appkeys.MODELS_CACHE] = {}
     app[appkeys.ME_CACHE] = UserFiguresCache(config.me_cache_seconds)
+    backends = app[appkeys.BACKENDS] = BackendPool(config.backend_urls, config.backend_concurrency)
     queue = FairQueue(
-        config.backend_concurrency,
+        backends.capacity,
         config.queue_max_per_user,
         config.queue_max_total,
         config.queue_timeout_seconds,
     )
     app[appkeys.QUEUE] = queue
-    app[appkeys.METRICS] = Metrics(queue.stats)
+    app[appkeys.METRICS] = Metrics(queue.stats, lambda: backends.backends)
     app[appkeys.INFLIGHT] = InFlightRequests()
     app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
     app[appkeys.READINESS] = ReadinessCache(lambda: handlers.check_readiness(app))
@@ -141,15 +145,23 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
         auto_decompress=False,
     )
-    app[appkeys.FORWARDER] = Forwarder(
+    dispatcher = Dispatcher(
         session,
-        config.backend_url,
-        config.backend_key,
+        app[appkeys.BACKENDS],
         config.backend_wait_seconds,
         config.restart_flag,
         on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
         restart_flag_max_age=config.restart_flag_max_age_seconds,
+    )
+    app[appkeys.FORWARDER] = Forwarder(
+        dispatcher,
+        config.backend_key,
         deadlines=Deadlines(config.client_timeout_seconds, config.request_max_seconds),
     )
+    prober = app[appkeys.PROBER] = BackendProber(
+        session, app[appkeys.BACKENDS], config.backend_probe_timeout_seconds
+    )
+    await prober.start()
     yield
+    await prober.stop()
     await session.close()

@@ -10,6 +10,8 @@ from proxy.config import ProxyConfig
 from proxy.forward import Forwarder
 from proxy.inflight import InFlight, InFlightRequests
 from proxy.metrics import Metrics
+from proxy.pool import BackendPool
+from proxy.probe import BackendProber
 from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
 from proxy.readiness import ReadinessCache
@@ -25,6 +27,8 @@ REQUEST_LOG = web.AppKey("request_log", RequestLog)
 AUTHENTICATOR = web.AppKey("authenticator", Authenticator)
 LIMITER = web.AppKey("limiter", SharedLimiter)
 FORWARDER = web.AppKey("forwarder", Forwarder)
+BACKENDS = web.AppKey("backends", BackendPool)
+PROBER = web.AppKey("prober", BackendProber)
 MODELS_CACHE = web.AppKey("models_cache", dict)
 INFLIGHT = web.AppKey("inflight", InFlightRequests)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)

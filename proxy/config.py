@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from proxy.configparse import parse_positive_float, parse_text
+from proxy.configparse import parse_backend_urls, parse_positive_float, parse_text
 from proxy.configschema import (
     DatabaseKeys,
     GatewayKeys,
@@ -44,10 +44,6 @@ class ProxyConfigError(Exception):
     """A gateway setting is invalid; the message names the key."""
 
 
-def _parse_url(value: str) -> str:
-    return value.rstrip("/")
-
-
 def _parse_optional_path(value: str) -> Path | None:
     return Path(value) if value else None
 
@@ -57,8 +53,12 @@ class ProxyConfig(GatewayKeys):
     """Everything the gateway needs, parsed and validated: its keys and the console's."""
 
     dsn: str = ""
-    backend_url: str = setting(
-        BACKEND_URL_KEY, "http://127.0.0.1:8000", _parse_url, "the backend's URL"
+    # One base URL per backend (replica), comma-separated; see proxy/pool.py.
+    backend_urls: tuple[str, ...] = setting(
+        BACKEND_URL_KEY,
+        "http://127.0.0.1:8000",
+        parse_backend_urls,
+        "the backends' base URLs, comma-separated",
     )
     backend_key: str = setting(
         BACKEND_KEY_KEY, "", parse_text, "the backend's bearer key", is_secret=True

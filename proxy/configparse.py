@@ -9,6 +9,8 @@ import ipaddress
 import shlex
 from urllib.parse import urlsplit
 
+BACKEND_SCHEMES = ("http", "https")
+
 
 def parse_text(value: str) -> str:
     return value
@@ -103,3 +105,29 @@ def parse_dsn(value: str) -> str:
 
 def parse_args(value: str) -> tuple[str, ...]:
     return tuple(shlex.split(value))
+
+
+def parse_backend_urls(value: str) -> tuple[str, ...]:
+    """A comma-separated list of backend base URLs, one per backend; at least one, no repeats."""
+    urls = tuple(item.strip().rstrip("/") for item in value.split(","))
+    for url in urls:
+        _check_backend_url(url)
+    repeated = sorted({url for url in urls if urls.count(url) > 1})
+    if repeated:
+        raise ValueError(f"lists {repeated[0]} twice; name each backend once")
+    return urls
+
+
+def _check_backend_url(url: str) -> None:
+    shape = "must be http:// URLs separated by commas, such as http://127.0.0.1:8000"
+    if not url:
+        raise ValueError(f"has an empty entry; {shape}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{url!r} is not a URL; {shape}") from None
+    if parts.scheme not in BACKEND_SCHEMES or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http:// URL with a host; {shape}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(f"{url!r} has a query, fragment or credentials; {shape}")

@@ -230,7 +230,14 @@ class GatewayKeys:
         "LLAMA_PROXY_BACKEND_CONCURRENCY",
         "1",
         parse_positive_int,
-        "requests sent to the backend at once; the rest wait in the fair queue",
+        "requests sent to each backend at once; the rest wait in the fair queue",
+    )
+    backend_probe_timeout_seconds: float = setting(
+        "LLAMA_PROXY_BACKEND_PROBE_TIMEOUT_SECONDS",
+        "5",
+        parse_positive_float,
+        "a backend that does not answer its health probe (each second) within this many "
+        "seconds is taken out of the pool until it does (a hung backend)",
     )
     queue_max_per_user: int = setting(
         "LLAMA_PROXY_QUEUE_MAX_PER_USER",

@@ -1,4 +1,7 @@
-"""Forwarding one admitted request to llama_cpp.server and its answer back, unbuffered.
+"""Forwarding one admitted request to a backend and its answer back, unbuffered.
+
+Which backend, and what happens when one fails before answering, is proxy/dispatch.py's
+business; this module relays what the backend answers.
 
 Only the fixed route path is sent upstream (never the client's raw path or query), with
 the internal backend key instead of the client's credentials. Server-sent events are
@@ -13,14 +16,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
-from collections.abc import Callable
-from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 from proxy.deadlines import (
     TOO_LONG_CODE,
     ClientTooSlow,
@@ -30,7 +29,8 @@ from proxy.deadlines import (
     within_cap,
     write_within,
 )
-from proxy.errors import GatewayError, bad_gateway, error_body, unavailable
+from proxy.dispatch import Dispatcher
+from proxy.errors import GatewayError, bad_gateway, error_body
 from proxy.requestlog import RequestRecord
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,9 @@ JSON_ROUTES = (
     "/extras/detokenize",
 )
 MODELS_ROUTE = "/v1/models"
-RETRY_INTERVAL_SECONDS = 0.1
 CLIENT_GONE = 499
-# Failures before any answer arrived: refused, reset, or a pooled connection gone stale.
-CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
+# A relayed answer that ended with these, and not over the request cap, was the backend's fault.
+BACKEND_FAILED_STATUSES = (502, 504)
 
 
 class UsageCounter:
@@ -103,55 +102,14 @@ class UsageCounter:
 
 
 class Forwarder:
-    """Sends requests to the backend over one pooled session."""
+    """Sends each request to a backend the dispatcher finds, and relays its answer."""
 
     def __init__(
-        self,
-        session: aiohttp.ClientSession,
-        backend_url: str,
-        backend_key: str,
-        wait_seconds: float,
-        restart_flag: Path | None,
-        on_restart_wait: Callable[[], None] = lambda: None,
-        restart_flag_max_age: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS,
-        deadlines: Deadlines | None = None,
+        self, dispatcher: Dispatcher, backend_key: str, deadlines: Deadlines | None = None
     ) -> None:
-        self.session = session
-        self.backend_url = backend_url
+        self.dispatcher = dispatcher
         self.backend_key = backend_key
-        self.wait_seconds = wait_seconds
-        self.restart_flag = restart_flag
-        self.on_restart_wait = on_restart_wait
-        self.restart_flag_max_age = restart_flag_max_age
-        self._ignored_flag_mtime: float | None = None
         self.deadlines = deadlines or Deadlines()
-
-    def is_restarting(self) -> bool:
-        """True while the console restarts the backend (it keeps a flag file meanwhile).
-
-        A flag older than any restart takes was left by a console killed mid-restart;
-        honouring it would turn every 502 into a wait and a 503, so it is ignored.
-        """
-        if self.restart_flag is None:
-            return False
-        try:
-            mtime = self.restart_flag.stat().st_mtime
-        except OSError:
-            return False
-        age = time.time() - mtime
-        if age <= self.restart_flag_max_age:
-            return True
-        if self._ignored_flag_mtime != mtime:
-            self._ignored_flag_mtime = mtime
-            log.warning(
-                "ignoring the restart flag %s: it is %.0fs old, longer than a restart takes "
-                "(%.0fs), so a console was probably killed mid-restart; the next start or "
-                "restart removes it",
-                self.restart_flag,
-                age,
-                self.restart_flag_max_age,
-            )
-        return False
 
     async def forward(
         self, request: web.Request, route: str, body: bytes, record: RequestRecord
@@ -166,47 +124,34 @@ class Forwarder:
         }
         deadline = asyncio.get_running_loop().time() + self.deadlines.request_max_seconds
         async with within_cap(deadline, self.deadlines):
-            upstream = await self._send(request.method, route, body, headers)
-        async with upstream:
-            content_type = upstream.headers.get("Content-Type", "application/json")
-            if content_type.startswith("text/event-stream"):
-                return await self._relay_stream(request, upstream, content_type, record, deadline)
-            async with within_cap(deadline, self.deadlines):
-                return await self._relay_whole(upstream, content_type, record)
+            lease, upstream = await self.dispatcher.send(request.method, route, body, headers)
+        is_failed = True
+        try:
+            async with upstream:
+                content_type = upstream.headers.get("Content-Type", "application/json")
+                if content_type.startswith("text/event-stream"):
+                    response = await self._relay_stream(
+                        request, upstream, content_type, record, deadline
+                    )
+                else:
+                    async with within_cap(deadline, self.deadlines):
+                        response = await self._relay_whole(upstream, content_type, record)
+            is_failed = self._is_backend_failure(record)
+            return response
+        except GatewayError as error:
+            is_failed = error.status == 502  # the backend broke off a whole answer
+            raise
+        except BaseException:
+            is_failed = False  # the client went, or the request ran over its cap
+            raise
+        finally:
+            self.dispatcher.pool.release(lease, is_failed)
 
-    async def _send(
-        self, method: str, route: str, body: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
-        """The upstream response; waits out a restart, else 502/503."""
-        deadline = time.monotonic() + self.wait_seconds
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self.session.request(
-                    method, self.backend_url + route, data=body or None, headers=headers
-                )
-            except CONNECT_ERRORS as error:
-                if attempt == 1:
-                    continue  # perhaps a pooled connection the backend had just closed
-                if not self.is_restarting():
-                    raise bad_gateway(
-                        f"the model backend is not reachable ({type(error).__name__}); "
-                        f"the operator can check it with ./console.sh status"
-                    ) from None
-                if time.monotonic() >= deadline:
-                    raise unavailable(
-                        "the model backend is restarting; try again shortly",
-                        retry_after=self.wait_seconds,
-                        code="backend_restarting",
-                    ) from None
-                if attempt == 2:
-                    self.on_restart_wait()
-                await asyncio.sleep(RETRY_INTERVAL_SECONDS)
-            except TimeoutError:
-                raise GatewayError(
-                    504, "the model backend did not answer in time", "server_error", "timeout"
-                ) from None
+    def _is_backend_failure(self, record: RequestRecord) -> bool:
+        return (
+            record.status_code in BACKEND_FAILED_STATUSES
+            and record.error != self.deadlines.too_long_message()
+        )
 
     async def _relay_whole(
         self, upstream: aiohttp.ClientResponse, content_type: str, record: RequestRecord

@@ -12,7 +12,6 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -296,14 +295,16 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: the backend answers, the database answers, the request log can spool."""
+    """Readiness: a backend serves, the database answers, the request log can spool."""
     app = request.app
     checks = await app[appkeys.READINESS].get()
     is_ready = all(value == "ok" for value in checks.values())
     queue = app[appkeys.QUEUE].stats()
+    backends = app[appkeys.BACKENDS]
     body = {
         "ready": is_ready,
         **checks,
+        "backends": {"up": backends.serving(), "total": len(backends.backends)},
         "queue": {"active": queue.active, "waiting": queue.waiting},
     }
     return web.json_response(body, status=200 if is_ready else 503)
@@ -319,15 +320,12 @@ async def check_readiness(app: web.Application) -> dict[str, str]:
 
 
 async def _check_backend(app: web.Application) -> str:
-    forwarder = app[appkeys.FORWARDER]
-    try:
-        async with forwarder.session.get(
-            forwarder.backend_url + "/openapi.json", timeout=aiohttp.ClientTimeout(total=2)
-        ) as probe:
-            return "ok" if probe.status == 200 else f"answers {probe.status}"
-    except (aiohttp.ClientError, TimeoutError) as error:
-        state = "restarting" if forwarder.is_restarting() else "unreachable"
-        return f"{state} ({type(error).__name__})"
+    """Ok while at least one backend serves; the probes keep the pool's view current."""
+    backends = app[appkeys.BACKENDS]
+    if backends.serving():
+        return "ok"
+    state = "restarting" if app[appkeys.FORWARDER].dispatcher.is_restarting() else "unreachable"
+    return f"{state} ({backends.backends[0].problem})"
 
 
 async def _check_database(app: web.Application) -> str:

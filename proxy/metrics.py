@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from proxy.pool import Backend
 from proxy.queue import QueueStats
 
 MAX_USER_LABELS = 100
@@ -30,11 +32,57 @@ class UserLabels:
         return OTHER_USERS
 
 
+class BackendCollector:
+    """Per-backend series, read from the pool when scraped (the request path pays nothing).
+
+    Labelled by the backend's place in LLAMA_PROXY_BACKEND_URL and its host:port; the
+    backends are fixed at start, so the series are bounded.
+    """
+
+    def __init__(self, backends: Callable[[], Sequence[Backend]]) -> None:
+        self.backends = backends
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["backend", "address"]
+        up = GaugeMetricFamily(
+            "llamagate_backend_up", "1 if the backend is in the pool", labels=labels
+        )
+        busy = GaugeMetricFamily(
+            "llamagate_backend_busy", "Requests at the backend now", labels=labels
+        )
+        requests = CounterMetricFamily(
+            "llamagate_backend_requests", "Requests sent to the backend", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "llamagate_backend_errors",
+            "Requests the backend failed: refused, no answer, or broken off",
+            labels=labels,
+        )
+        seconds = CounterMetricFamily(
+            "llamagate_backend_busy_seconds",
+            "Seconds the backend's slots were held by requests, summed over its slots",
+            labels=labels,
+        )
+        for backend in self.backends():
+            names = [str(backend.index), backend.address]
+            up.add_metric(names, 1.0 if backend.is_up else 0.0)
+            busy.add_metric(names, backend.busy)
+            requests.add_metric(names, backend.requests)
+            errors.add_metric(names, backend.errors)
+            seconds.add_metric(names, backend.seconds_busy)
+        yield from (up, busy, requests, errors, seconds)
+
+
 class Metrics:
     """The gateway's counters; `observe` is called once per finished request."""
 
-    def __init__(self, queue_stats: Callable[[], QueueStats]) -> None:
+    def __init__(
+        self,
+        queue_stats: Callable[[], QueueStats],
+        backends: Callable[[], Sequence[Backend]] = tuple,
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.registry.register(BackendCollector(backends))
         self.user_label = UserLabels()
         self.requests = Counter(
             "llamagate_requests",

@@ -45,6 +45,7 @@ class FakeUpstream:
         self.has_embeddings = True  # False: /v1/embeddings fails as llama_cpp.server's does
         self.gate: asyncio.Semaphore | None = None
         self.seen: list[Seen] = []
+        self.probes = 0  # GET /openapi.json, the gateway's health probes: kept out of `seen`
         self.chunks_sent = 0
         self.cut_short = 0  # streams whose client went away before [DONE]
         # When set, a stream stays open after [DONE] until this is set (a slow end of stream).
@@ -58,7 +59,7 @@ class FakeUpstream:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.answer({"object": "list", "data": [{"id": "m"}]}))
         app.router.add_post("/v1/embeddings", self.embeddings)
-        app.router.add_get("/openapi.json", self.answer({"openapi": "3.1.0"}))
+        app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/docs", self.answer({"docs": "secret"}))
         return app
 
@@ -68,6 +69,10 @@ class FakeUpstream:
             return web.json_response(payload)
 
         return handler
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        self.probes += 1
+        return web.json_response({"openapi": "3.1.0"})
 
     async def embeddings(self, request: web.Request) -> web.Response:
         self._note(request, await request.json())

@@ -15,6 +15,7 @@ from pathlib import Path
 import asyncpg
 
 from proxy.config import ProxyConfig
+from proxy.configparse import parse_backend_urls
 from proxy.keys import generate_key
 
 BACKEND_KEY = "backend-key-only-the-gateway-knows"
@@ -22,11 +23,14 @@ DEADLINE = 5.0  # seconds; only there so that a broken gateway fails instead of 
 
 
 def gateway_config(dsn: str, backend_url: str, tmp_path: Path, **overrides) -> ProxyConfig:
-    """A ProxyConfig for tests: small limits, short waits, files under tmp_path; else defaults."""
+    """A ProxyConfig for tests: small limits, short waits, files under tmp_path; else defaults.
+
+    backend_url may list several backends, comma-separated, as LLAMA_PROXY_BACKEND_URL does.
+    """
     config = ProxyConfig(
         host="127.0.0.1",
         port=0,
-        backend_url=backend_url,
+        backend_urls=parse_backend_urls(backend_url),
         backend_key=BACKEND_KEY,
         dsn=dsn,
         spool_path=tmp_path / "requests.spool",

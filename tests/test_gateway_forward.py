@@ -346,7 +346,7 @@ async def test_backend_down_gets_openai_502(start_gateway, db):
 
 
 class CountingSession:
-    """Wraps the forwarder's ClientSession to count its attempts at the backend."""
+    """Wraps the dispatcher's ClientSession to count its attempts at the backend."""
 
     def __init__(self, session) -> None:
         self.session = session
@@ -368,8 +368,8 @@ async def test_request_during_a_restart_waits_for_the_backend(
         backend_url=f"http://127.0.0.1:{port}", restart_flag=flag, backend_wait_seconds=10
     )
     key = await add_user(db, "alice")
-    forwarder = gateway.app[appkeys.FORWARDER]
-    forwarder.session = attempts = CountingSession(forwarder.session)
+    dispatcher = gateway.app[appkeys.FORWARDER].dispatcher
+    dispatcher.session = attempts = CountingSession(dispatcher.session)
     pending = asyncio.create_task(
         gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
     )

@@ -60,9 +60,12 @@ async def test_a_caller_that_hangs_up_does_not_cancel_the_shared_check():
 
 
 @pytest.mark.asyncio
-async def test_readyz_probes_the_backend_once_however_often_it_is_asked(gateway, upstream):
-    gateway.app[appkeys.READINESS].max_age = 60.0  # a slow machine must not split the calls
+async def test_readyz_reads_the_pool_and_never_probes_the_backend_itself(gateway, upstream):
+    # The pool's own probes (proxy/probe.py) are the only ones; stopped here, none come.
+    await gateway.app[appkeys.PROBER].stop()
+    probes = upstream.probes
     answers = await asyncio.gather(*(gateway.get("/readyz") for _ in range(5)))
     answers.append(await gateway.get("/readyz"))
     assert [answer.status for answer in answers] == [200] * 6
-    assert [seen.path for seen in upstream.seen] == ["/openapi.json"]
+    assert upstream.probes == probes
+    assert upstream.seen == []
