@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +19,7 @@ from aiohttp import web
 from proxy import appkeys, handlers, store
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
+from proxy.chattemplate import ChatTemplate, TemplateError, read_chat_template
 from proxy.config import ProxyConfig
 from proxy.deadlines import Deadlines
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
@@ -150,6 +152,24 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
         restart_flag_max_age=config.restart_flag_max_age_seconds,
         deadlines=Deadlines(config.client_timeout_seconds, config.request_max_seconds),
+        chat_template=await load_chat_template(config.model_path),
     )
     yield
     await session.close()
+
+
+async def load_chat_template(path: Path | None) -> ChatTemplate | None:
+    """The model's chat template (read off the event loop), or None: chat streams then
+    get no prompt count, which is logged once here rather than on every stream."""
+    if path is None:
+        return None
+    try:
+        template = await asyncio.to_thread(read_chat_template, path)
+    except TemplateError as error:
+        log.warning("%s; chat streams will be logged without prompt tokens", error)
+        return None
+    if template is None:
+        log.warning(
+            "%s has no chat template; chat streams will be logged without prompt tokens", path
+        )
+    return template

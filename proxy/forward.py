@@ -20,6 +20,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from proxy.chattemplate import ChatTemplate
 from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 from proxy.deadlines import (
     TOO_LONG_CODE,
@@ -31,7 +32,10 @@ from proxy.deadlines import (
     write_within,
 )
 from proxy.errors import GatewayError, bad_gateway, error_body, unavailable
+from proxy.promptcount import PromptCounter, wants_usage
+from proxy.relay import pass_chunks
 from proxy.requestlog import RequestRecord
+from proxy.usage import UsageCounter
 
 log = logging.getLogger(__name__)
 
@@ -50,58 +54,6 @@ CLIENT_GONE = 499
 CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
 
 
-class UsageCounter:
-    """Token counts from an answer: its `usage`, or for a stream, one per content chunk.
-
-    llama_cpp.server 0.3 sends no usage in streams; it emits one chunk per generated
-    token, so counting chunks with content gives the completion tokens. A `usage` object
-    in any chunk (newer servers) wins.
-    """
-
-    def __init__(self) -> None:
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.content_chunks = 0
-        self.partial = b""
-        self.saw_done = False
-
-    def feed_json(self, body: bytes) -> None:
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            self._take_usage(json.loads(body))
-
-    def feed_stream(self, chunk: bytes) -> None:
-        lines = (self.partial + chunk).split(b"\n")
-        self.partial = lines.pop()
-        for line in lines:
-            if line.strip() == b"data: [DONE]":
-                self.saw_done = True
-            elif line.startswith(b"data:"):
-                self._take_event(line[5:])
-
-    def finish_stream(self) -> None:
-        if self.completion_tokens is None and self.content_chunks:
-            self.completion_tokens = self.content_chunks
-
-    def _take_event(self, data: bytes) -> None:
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
-            return
-        self._take_usage(event)
-        for choice in event.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if delta.get("content") or choice.get("text"):
-                self.content_chunks += 1
-
-    def _take_usage(self, answer: dict) -> None:
-        usage = answer.get("usage")
-        if isinstance(usage, dict):
-            self.prompt_tokens = usage.get("prompt_tokens")
-            self.completion_tokens = usage.get("completion_tokens")
-
-
 class Forwarder:
     """Sends requests to the backend over one pooled session."""
 
@@ -115,6 +67,7 @@ class Forwarder:
         on_restart_wait: Callable[[], None] = lambda: None,
         restart_flag_max_age: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS,
         deadlines: Deadlines | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.session = session
         self.backend_url = backend_url
@@ -125,6 +78,7 @@ class Forwarder:
         self.restart_flag_max_age = restart_flag_max_age
         self._ignored_flag_mtime: float | None = None
         self.deadlines = deadlines or Deadlines()
+        self.prompt_counter = PromptCounter(session, backend_key, chat_template)
 
     def is_restarting(self) -> bool:
         """True while the console restarts the backend (it keeps a flag file meanwhile).
@@ -170,7 +124,9 @@ class Forwarder:
         async with upstream:
             content_type = upstream.headers.get("Content-Type", "application/json")
             if content_type.startswith("text/event-stream"):
-                return await self._relay_stream(request, upstream, content_type, record, deadline)
+                return await self._relay_stream(
+                    request, upstream, content_type, record, deadline, route, body
+                )
             async with within_cap(deadline, self.deadlines):
                 return await self._relay_whole(upstream, content_type, record)
 
@@ -232,6 +188,8 @@ class Forwarder:
         content_type: str,
         record: RequestRecord,
         deadline: float,
+        route: str,
+        body: bytes,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status,
@@ -243,10 +201,27 @@ class Forwarder:
         )
         await response.prepare(request)
         counter = UsageCounter()
+        asked = _parsed(body) if upstream.status == 200 else None
+
+        async def before_done() -> bytes:
+            """Count the prompt (the slot is still ours); the usage event, if asked for."""
+            if asked is not None and counter.prompt_tokens is None:
+                counter.prompt_tokens = await self.prompt_counter.count(
+                    self.backend_url, route, asked
+                )
+            counter.finish_stream()
+            if asked is None or counter.has_usage or not wants_usage(asked):
+                return b""
+            return counter.usage_event()
+
         cap = asyncio.timeout_at(deadline)
+        write_seconds = self.deadlines.client_write_seconds
         try:
             async with cap:
-                await self._pass_chunks(upstream, response, record, counter)
+                await pass_chunks(
+                    upstream, response, request.transport, record, counter, write_seconds,
+                    before_done,
+                )  # fmt: skip
         except ClientTooSlow as slow:
             # Leaving the `async with upstream` closes the upstream, so generation stops.
             self._drop_slow_client(request, record, slow)
@@ -263,29 +238,12 @@ class Forwarder:
             record.prompt_tokens = counter.prompt_tokens
             record.completion_tokens = counter.completion_tokens
         try:
-            await finish_within(response, self.deadlines.client_write_seconds)
+            await finish_within(response, write_seconds)
         except ConnectionResetError:
             pass  # the client may already have hung up after [DONE]
         except ClientTooSlow as slow:
             self._drop_slow_client(request, record, slow)
         return response
-
-    async def _pass_chunks(
-        self,
-        upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse,
-        record: RequestRecord,
-        counter: UsageCounter,
-    ) -> None:
-        async for chunk in upstream.content.iter_any():
-            await write_within(response, chunk, self.deadlines.client_write_seconds)
-            record.response_bytes += len(chunk)
-            counter.feed_stream(chunk)
-            if counter.saw_done:
-                # The answer is complete. Clients (the openai one among them) hang up
-                # right after [DONE]; waiting for the backend's end of stream first
-                # would race that hang-up and log a finished answer as cut short.
-                return
 
     async def _end_with_error(
         self,
@@ -313,3 +271,12 @@ class Forwarder:
         record.status_code, record.error = CLIENT_GONE, str(slow)
         log.info("request %s: %s", record.request_id, record.error)
         drop_client(request)
+
+
+def _parsed(body: bytes) -> dict | None:
+    """The request body as a JSON object (the handler has checked it is one), else None."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None
