@@ -220,7 +220,7 @@ class Forwarder:
             async with cap:
                 await pass_chunks(
                     upstream, response, request.transport, record, counter, write_seconds,
-                    before_done,
+                    before_done, self.session.timeout.sock_read,
                 )  # fmt: skip
         except ClientTooSlow as slow:
             # Leaving the `async with upstream` closes the upstream, so generation stops.
