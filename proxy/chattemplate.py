@@ -111,7 +111,7 @@ def read_chat_template(path: Path) -> ChatTemplate | None:
     try:
         with path.open("rb") as file:
             metadata = read_metadata(file, {TEMPLATE_KEY, BOS_KEY, EOS_KEY, TOKENS_KEY})
-    except (OSError, struct.error, UnicodeDecodeError) as error:
+    except (OSError, struct.error, UnicodeDecodeError, TemplateError) as error:
         raise TemplateError(f"cannot read the chat template from {path}: {error}") from None
     source = metadata.get(TEMPLATE_KEY)
     if not isinstance(source, str):

@@ -53,7 +53,14 @@ class PromptCounter:
         try:
             async with asyncio.timeout(COUNT_TIMEOUT_SECONDS):
                 return await self._count(backend_url, route, body)
-        except (aiohttp.ClientError, TimeoutError, TemplateError, ValueError, KeyError) as error:
+        except (
+            aiohttp.ClientError,
+            TimeoutError,
+            TemplateError,
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as error:
             log.warning("could not count the prompt tokens of a stream: %r", error)
             return None
 

@@ -71,6 +71,7 @@ def run_bench(options: BenchOptions, echo: Echo) -> Report:
     started = time.monotonic()
     report = Report(settings=asdict(options))
     report.settings["cpus"] = os.cpu_count()
+    report.settings["only"] = [name for name in SCENARIOS if options.runs(name)]  # JSON: no sets
     with terminate_raises(), private_root() as root, contextlib.ExitStack() as exits:
         stack = Stack(root, exits)
         echo(f"starting a private stack in {root} (database, backend, gateway)")
