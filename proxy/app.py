@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -18,6 +19,7 @@ from aiohttp import web
 from proxy import appkeys, handlers, store
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
+from proxy.chattemplate import ChatTemplate, TemplateError, read_chat_template
 from proxy.config import ProxyConfig
 from proxy.deadlines import Deadlines
 from proxy.dispatch import Dispatcher
@@ -157,6 +159,7 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         dispatcher,
         config.backend_key,
         deadlines=Deadlines(config.client_timeout_seconds, config.request_max_seconds),
+        chat_template=await load_chat_template(config.model_path),
     )
     prober = app[appkeys.PROBER] = BackendProber(
         session, app[appkeys.BACKENDS], config.backend_probe_timeout_seconds
@@ -165,3 +168,20 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
     yield
     await prober.stop()
     await session.close()
+
+
+async def load_chat_template(path: Path | None) -> ChatTemplate | None:
+    """The model's chat template (read off the event loop), or None: chat streams then
+    get no prompt count, which is logged once here rather than on every stream."""
+    if path is None:
+        return None
+    try:
+        template = await asyncio.to_thread(read_chat_template, path)
+    except TemplateError as error:
+        log.warning("%s; chat streams will be logged without prompt tokens", error)
+        return None
+    if template is None:
+        log.warning(
+            "%s has no chat template; chat streams will be logged without prompt tokens", path
+        )
+    return template

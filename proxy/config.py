@@ -38,6 +38,8 @@ RESTART_FLAG_MAX_AGE_KEY = "LLAMA_PROXY_RESTART_FLAG_MAX_AGE"
 DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS = 165.0
 # The name clients see for the model (its alias), filled into requests that name none.
 MODEL_NAME_KEY = "LLAMA_PROXY_MODEL_NAME"
+# The model's GGUF file, whose chat template counts a chat stream's prompt tokens.
+MODEL_PATH_KEY = "LLAMA_PROXY_MODEL_PATH"
 
 
 class ProxyConfigError(Exception):
@@ -77,6 +79,9 @@ class ProxyConfig(GatewayKeys):
     )
     # The model's alias, for requests that name no model ("": leave them as they are).
     model_name: str = setting(MODEL_NAME_KEY, "", parse_text, "the name clients see for the model")
+    model_path: Path | None = setting(
+        MODEL_PATH_KEY, "", _parse_optional_path, "the GGUF file, for its chat template"
+    )
 
     @property
     def spool_max_bytes(self) -> int:

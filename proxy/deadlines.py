@@ -44,8 +44,22 @@ class ClientTooSlow(Exception):
     """The client took no part of the answer within the write deadline."""
 
 
-async def write_within(response: web.StreamResponse, data: bytes, seconds: float) -> None:
-    """Write to the client; raise ClientTooSlow if it has not taken the data in time."""
+async def write_within(
+    response: web.StreamResponse,
+    data: bytes,
+    seconds: float,
+    transport: asyncio.BaseTransport | None = None,
+) -> None:
+    """Write to the client; raise ClientTooSlow if it has not taken the data in time.
+
+    Given the client's transport, a write that leaves its buffer at or under the
+    low-water mark goes out without a timer: aiohttp waits only while the transport has
+    paused writing, which it does above the high-water mark and undoes only at or under
+    the low one. A timer per write cost about as much as the rest of relaying a chunk.
+    """
+    if transport is not None and fits_in_buffer(transport, len(data)):
+        await response.write(data)
+        return
     try:
         async with asyncio.timeout(seconds):
             await response.write(data)
@@ -54,6 +68,13 @@ async def write_within(response: web.StreamResponse, data: bytes, seconds: float
             f"the client stopped reading: it took nothing of the answer for {seconds:g} "
             f"seconds (LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS)"
         ) from None
+
+
+def fits_in_buffer(transport: asyncio.BaseTransport, size: int) -> bool:
+    """True if `size` more bytes leave the write buffer at or under its low-water mark."""
+    if transport.is_closing() or not isinstance(transport, asyncio.WriteTransport):
+        return False
+    return transport.get_write_buffer_size() + size <= transport.get_write_buffer_limits()[0]
 
 
 async def finish_within(response: web.StreamResponse, seconds: float) -> None:

@@ -20,6 +20,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from proxy.chattemplate import ChatTemplate
 from proxy.deadlines import (
     TOO_LONG_CODE,
     ClientTooSlow,
@@ -31,7 +32,10 @@ from proxy.deadlines import (
 )
 from proxy.dispatch import Dispatcher
 from proxy.errors import GatewayError, bad_gateway, error_body
+from proxy.promptcount import PromptCounter, wants_usage
+from proxy.relay import pass_chunks
 from proxy.requestlog import RequestRecord
+from proxy.usage import UsageCounter
 
 log = logging.getLogger(__name__)
 
@@ -49,67 +53,20 @@ CLIENT_GONE = 499
 BACKEND_FAILED_STATUSES = (502, 504)
 
 
-class UsageCounter:
-    """Token counts from an answer: its `usage`, or for a stream, one per content chunk.
-
-    llama_cpp.server 0.3 sends no usage in streams; it emits one chunk per generated
-    token, so counting chunks with content gives the completion tokens. A `usage` object
-    in any chunk (newer servers) wins.
-    """
-
-    def __init__(self) -> None:
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.content_chunks = 0
-        self.partial = b""
-        self.saw_done = False
-
-    def feed_json(self, body: bytes) -> None:
-        with contextlib.suppress(ValueError, TypeError, AttributeError):
-            self._take_usage(json.loads(body))
-
-    def feed_stream(self, chunk: bytes) -> None:
-        lines = (self.partial + chunk).split(b"\n")
-        self.partial = lines.pop()
-        for line in lines:
-            if line.strip() == b"data: [DONE]":
-                self.saw_done = True
-            elif line.startswith(b"data:"):
-                self._take_event(line[5:])
-
-    def finish_stream(self) -> None:
-        if self.completion_tokens is None and self.content_chunks:
-            self.completion_tokens = self.content_chunks
-
-    def _take_event(self, data: bytes) -> None:
-        try:
-            event = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(event, dict):
-            return
-        self._take_usage(event)
-        for choice in event.get("choices") or ():
-            delta = choice.get("delta") or {}
-            if delta.get("content") or choice.get("text"):
-                self.content_chunks += 1
-
-    def _take_usage(self, answer: dict) -> None:
-        usage = answer.get("usage")
-        if isinstance(usage, dict):
-            self.prompt_tokens = usage.get("prompt_tokens")
-            self.completion_tokens = usage.get("completion_tokens")
-
-
 class Forwarder:
     """Sends each request to a backend the dispatcher finds, and relays its answer."""
 
     def __init__(
-        self, dispatcher: Dispatcher, backend_key: str, deadlines: Deadlines | None = None
+        self,
+        dispatcher: Dispatcher,
+        backend_key: str,
+        deadlines: Deadlines | None = None,
+        chat_template: ChatTemplate | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.backend_key = backend_key
         self.deadlines = deadlines or Deadlines()
+        self.prompt_counter = PromptCounter(dispatcher.session, backend_key, chat_template)
 
     async def forward(
         self, request: web.Request, route: str, body: bytes, record: RequestRecord
@@ -131,8 +88,9 @@ class Forwarder:
                 content_type = upstream.headers.get("Content-Type", "application/json")
                 if content_type.startswith("text/event-stream"):
                     response = await self._relay_stream(
-                        request, upstream, content_type, record, deadline
-                    )
+                        request, upstream, content_type, record, deadline, route, body,
+                        lease.backend.url,
+                    )  # fmt: skip
                 else:
                     async with within_cap(deadline, self.deadlines):
                         response = await self._relay_whole(upstream, content_type, record)
@@ -177,6 +135,9 @@ class Forwarder:
         content_type: str,
         record: RequestRecord,
         deadline: float,
+        route: str,
+        body: bytes,
+        backend_url: str,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status,
@@ -188,10 +149,25 @@ class Forwarder:
         )
         await response.prepare(request)
         counter = UsageCounter()
+        asked = _parsed(body) if upstream.status == 200 else None
+
+        async def before_done() -> bytes:
+            """Count the prompt (the slot is still ours); the usage event, if asked for."""
+            if asked is not None and counter.prompt_tokens is None:
+                counter.prompt_tokens = await self.prompt_counter.count(backend_url, route, asked)
+            counter.finish_stream()
+            if asked is None or counter.has_usage or not wants_usage(asked):
+                return b""
+            return counter.usage_event()
+
         cap = asyncio.timeout_at(deadline)
+        write_seconds = self.deadlines.client_write_seconds
         try:
             async with cap:
-                await self._pass_chunks(upstream, response, record, counter)
+                await pass_chunks(
+                    upstream, response, request.transport, record, counter, write_seconds,
+                    before_done, self.dispatcher.session.timeout.sock_read,
+                )  # fmt: skip
         except ClientTooSlow as slow:
             # Leaving the `async with upstream` closes the upstream, so generation stops.
             self._drop_slow_client(request, record, slow)
@@ -208,29 +184,12 @@ class Forwarder:
             record.prompt_tokens = counter.prompt_tokens
             record.completion_tokens = counter.completion_tokens
         try:
-            await finish_within(response, self.deadlines.client_write_seconds)
+            await finish_within(response, write_seconds)
         except ConnectionResetError:
             pass  # the client may already have hung up after [DONE]
         except ClientTooSlow as slow:
             self._drop_slow_client(request, record, slow)
         return response
-
-    async def _pass_chunks(
-        self,
-        upstream: aiohttp.ClientResponse,
-        response: web.StreamResponse,
-        record: RequestRecord,
-        counter: UsageCounter,
-    ) -> None:
-        async for chunk in upstream.content.iter_any():
-            await write_within(response, chunk, self.deadlines.client_write_seconds)
-            record.response_bytes += len(chunk)
-            counter.feed_stream(chunk)
-            if counter.saw_done:
-                # The answer is complete. Clients (the openai one among them) hang up
-                # right after [DONE]; waiting for the backend's end of stream first
-                # would race that hang-up and log a finished answer as cut short.
-                return
 
     async def _end_with_error(
         self,
@@ -258,3 +217,12 @@ class Forwarder:
         record.status_code, record.error = CLIENT_GONE, str(slow)
         log.info("request %s: %s", record.request_id, record.error)
         drop_client(request)
+
+
+def _parsed(body: bytes) -> dict | None:
+    """The request body as a JSON object (the handler has checked it is one), else None."""
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return None
+    return parsed if isinstance(parsed, dict) else None

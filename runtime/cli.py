@@ -293,7 +293,13 @@ def size_option(name: str, default: float, what: str):
 @size_option("--flood", 16, "A's requests in flight (scenario 3).")
 @size_option("--flood-tokens", 64, "Tokens per request of A's (scenario 3).")
 @size_option("--probes", 3, "B's requests, one at a time (scenario 3).")
-def bench(json_path: str | None, **sizes: float) -> None:
+@size_option("--relay-streams", 32, "Streams of 256 chunks relayed (scenario 6, relay cost).")
+@click.option(
+    "--only",
+    metavar="NAME[,NAME]",
+    help="Run only these scenarios: overhead, relay, streaming, fairness, restart.",
+)
+def bench(json_path: str | None, only: str | None, **sizes: float) -> None:
     """Measure the gateway against the direct path, side by side; print the table.
 
     Runs a private stack (temp LLAMAGATE_ROOT, free ports, the fallback model), never
@@ -305,13 +311,15 @@ def bench(json_path: str | None, **sizes: float) -> None:
     Example:
         ./console.sh bench
         ./console.sh bench --json bench.json --seconds 5
+        ./console.sh bench --only relay,overhead
     """
     from runtime.bench.errors import BenchError
     from runtime.bench.report import render_table
-    from runtime.bench.scenarios import BenchOptions, run_bench
+    from runtime.bench.scenarios import BenchOptions, parse_only, run_bench
 
     try:
-        report = run_bench(BenchOptions(**sizes), click.echo)
+        chosen = {"only": parse_only(only)} if only is not None else {}
+        report = run_bench(BenchOptions(**sizes, **chosen), click.echo)
     except BenchError as error:
         # Not in ConsoleGroup's list: that would import the bench for every command.
         raise CliError(str(error)) from None

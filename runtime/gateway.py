@@ -15,6 +15,7 @@ from proxy.config import (
     BACKEND_KEY_KEY,
     BACKEND_URL_KEY,
     MODEL_NAME_KEY,
+    MODEL_PATH_KEY,
     RESTART_FLAG_KEY,
     RESTART_FLAG_MAX_AGE_KEY,
     SPOOL_KEY,
@@ -35,11 +36,14 @@ RESTART_FLAG_MARGIN_SECONDS = 35.0
 
 def served_model_name(settings: Settings) -> str:
     """The name the backend gives the model (see model_alias), as the gateway should too."""
+    return model_alias(settings, served_model_path(settings))
+
+
+def served_model_path(settings: Settings) -> Path:
     try:
-        path = resolve_model(settings.server.model, settings.paths.models_dir)
+        return resolve_model(settings.server.model, settings.paths.models_dir)
     except ModelError:
-        path = Path(settings.server.model)  # the start that follows will say what is wrong
-    return model_alias(settings, path)
+        return Path(settings.server.model)  # the start that follows will say what is wrong
 
 
 class GatewaySupervisor(ProcessSupervisor):
@@ -96,6 +100,7 @@ class GatewaySupervisor(ProcessSupervisor):
                 RESTART_FLAG_KEY: str(paths.restart_flag),
                 RESTART_FLAG_MAX_AGE_KEY: str(restart_flag_max_age(settings)),
                 MODEL_NAME_KEY: served_model_name(settings),
+                MODEL_PATH_KEY: str(served_model_path(settings)),
                 # The gateway's code lives in the checkout, wherever the state root is.
                 "PYTHONPATH": str(CODE_DIR),
                 "PYTHONUNBUFFERED": "1",

@@ -42,6 +42,13 @@ def start_ticks(pid: int) -> int:
     return int(stat_fields(pid)[19])
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time the process has used so far: (user, system), fields 14 and 15."""
+    fields = stat_fields(pid)
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def seconds_running(pid: int) -> float:
     """How long ago the process started, by the boot clock (no wall-clock jumps)."""
     uptime = float((PROC / "uptime").read_text().split()[0])

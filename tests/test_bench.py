@@ -12,12 +12,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import clean_environ, processes_matching
 
+from runtime.bench.errors import BenchError
+from runtime.bench.scenarios import SCENARIOS, BenchOptions, parse_only
 from runtime.settings import CODE_DIR
 
 TINY = ["--seconds", "1", "--stream-prompts", "2", "--stream-tokens", "4"]
-TINY += ["--flood", "2", "--flood-tokens", "4", "--probes", "1"]
+TINY += ["--flood", "2", "--flood-tokens", "4", "--probes", "1", "--relay-streams", "1"]
 # (scenario, start of the metric, whether direct and gateway both carry a figure)
 EXPECTED_ROWS = [
     ("1 overhead", "p50 latency, 1 connection", True),
@@ -25,6 +28,7 @@ EXPECTED_ROWS = [
     ("1 overhead", "requests/s, 32 connections", True),
     ("1 overhead", "latency at 32 connections", True),
     ("5 memory", "gateway RSS", False),
+    ("6 relay cost", "gateway CPU per content chunk", False),
     ("2 streaming", "tokens/s", True),
     ("2 streaming", "time to first token", True),
     ("3 fairness", "B's wait", True),
@@ -60,3 +64,27 @@ def test_the_bench_runs_with_tiny_settings_and_reports_every_scenario(tmp_path: 
     root = re.search(r"private stack in (\S+)", done.stdout).group(1)
     assert not Path(root).exists()
     assert processes_matching(root) == []
+
+
+def test_only_runs_the_named_scenarios_and_refuses_unknown_names_listing_the_choices():
+    chosen = BenchOptions(only=parse_only("relay, overhead"))
+    assert [name for name in SCENARIOS if chosen.runs(name)] == ["overhead", "relay"]
+    assert all(BenchOptions().runs(name) for name in SCENARIOS)
+    for text in ("relay,nope", "", ","):
+        with pytest.raises(BenchError, match="from: overhead, relay, streaming") as refused:
+            parse_only(text)
+        assert repr(text) in str(refused.value)
+
+
+def test_only_with_an_unknown_scenario_exits_1_before_starting_anything():
+    done = subprocess.run(
+        [sys.executable, "-m", "runtime", "bench", "--only", "relya"],
+        cwd=CODE_DIR,
+        env=clean_environ(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "'relya'" in done.stderr and "relay" in done.stderr
+    assert "private stack" not in done.stdout

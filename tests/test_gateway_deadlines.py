@@ -15,6 +15,9 @@ import pytest
 from gatewayhelpers import DEADLINE, add_user, bearer, chat, log_rows, wait_until
 from rawhttp import request_bytes
 
+from proxy import deadlines
+from proxy.deadlines import ClientTooSlow, write_within
+
 pytest_plugins = ["gatewayfixture", "hostilefixture"]
 pytestmark = pytest.mark.usefixtures("no_error_is_logged")
 
@@ -88,3 +91,55 @@ async def test_whole_answer_past_the_time_cap_gets_504_and_the_next_request_is_s
     assert rows[0]["status_code"] == 504
     upstream.gate = None
     assert (await gateway.post(CHAT, json=chat(), headers=bearer(key))).status == 200
+
+
+# --- write_within without a gateway: when a write needs its timer -----------------------
+
+
+class BufferedTransport(asyncio.WriteTransport):
+    """A transport holding `buffered` bytes not yet sent, with asyncio's default limits."""
+
+    def __init__(self, buffered: int) -> None:
+        super().__init__()
+        self.buffered = buffered
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (16 * 1024, 64 * 1024)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class Answer:
+    """A response whose writes return at once, or, if `is_stuck`, never (a full client)."""
+
+    def __init__(self, is_stuck: bool = False) -> None:
+        self.is_stuck = is_stuck
+        self.written: list[bytes] = []
+
+    async def write(self, data: bytes) -> None:
+        if self.is_stuck:
+            await asyncio.Event().wait()
+        self.written.append(data)
+
+
+@pytest.mark.asyncio
+async def test_a_write_that_fits_the_clients_buffer_sets_no_timer(monkeypatch):
+    timers = []
+    real_timeout = asyncio.timeout
+    monkeypatch.setattr(deadlines.asyncio, "timeout", lambda s: timers.append(s) or real_timeout(s))
+    answer = Answer()
+    for _ in range(100):
+        await write_within(answer, b"x" * 100, 30.0, BufferedTransport(0))
+    assert len(answer.written) == 100
+    assert timers == []
+
+
+@pytest.mark.asyncio
+async def test_a_write_past_the_low_water_mark_still_has_its_deadline():
+    transport = BufferedTransport(16 * 1024 - 10)  # 10 bytes under: a 100-byte write is not
+    with pytest.raises(ClientTooSlow, match="LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"):
+        await asyncio.wait_for(write_within(Answer(is_stuck=True), b"x" * 100, 0.05, transport), 5)

@@ -264,6 +264,60 @@ async def test_sse_chunks_arrive_unbuffered(gateway, db, upstream):
 
 
 @pytest.mark.asyncio
+async def test_relaying_a_stream_sets_no_timer_per_chunk(gateway, db, upstream, monkeypatch):
+    # A timer per read (the upstream's silence) and per write (the client's deadline) cost
+    # about a fifth of relaying a chunk; both deadlines hold with a timer per period.
+    upstream.gate = asyncio.Semaphore(0)
+    upstream.chunks = 30
+    key = await add_user(db, "alice")
+    response = await gateway.post(
+        "/v1/chat/completions", json=chat(stream=True), headers=bearer(key)
+    )
+    loop = asyncio.get_running_loop()
+    timers = []
+    real_call_at = loop.call_at
+    monkeypatch.setattr(
+        loop,
+        "call_at",
+        lambda when, *args, **kw: timers.append(when) or real_call_at(when, *args, **kw),
+    )
+    async with asyncio.timeout(DEADLINE):  # one timer for the test's own reads
+        for _ in range(upstream.chunks):
+            upstream.allow(1)
+            await response.content.readuntil(b"\n\n")  # one read, one write in the gateway
+        assert await response.content.readuntil(b"\n\n") == b"data: [DONE]\n\n"
+    assert len(timers) < upstream.chunks // 3, len(timers)
+
+
+@pytest.mark.asyncio
+async def test_a_backend_silent_mid_stream_ends_it_with_an_error_event_after_the_timeout(
+    start_gateway, db, upstream
+):
+    gateway = await start_gateway(upstream_timeout_seconds=0.5)
+    upstream.gate = asyncio.Semaphore(0)
+    upstream.chunks = 10
+    key = await add_user(db, "alice")
+    response = await gateway.post(
+        "/v1/chat/completions", json=chat(stream=True), headers=bearer(key)
+    )
+    request_id = response.headers["X-Request-Id"]
+    for _ in range(3):  # reads spread over more than the timeout do not trip it
+        upstream.allow(1)
+        await next_event(response)
+        await asyncio.sleep(0.2)  # the backend's pace, not synchronisation
+    silent_since = time.monotonic()
+    event = await next_event(response)  # the backend says nothing more
+    waited = time.monotonic() - silent_since
+    assert json.loads(event.removeprefix(b"data: "))["error"]["code"] == "backend_failed"
+    assert 0.5 - 0.2 <= waited < DEADLINE
+    await wait_until(lambda: upstream.cut_short == 1, "the backend to see the hang-up")
+    rows = await wait_until(
+        lambda: log_rows(db, "request_id = $1", request_id), "the request's log row"
+    )
+    assert rows[0]["status_code"] == 504
+
+
+@pytest.mark.asyncio
 async def test_client_disconnect_mid_stream_stops_the_backend_and_logs_499(gateway, db, upstream):
     upstream.gate = asyncio.Semaphore(0)
     key = await add_user(db, "alice")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ADDED, RATIO = "added", "ratio"
-DECIMALS = {"ms": 3, "s": 2, "req/s": 0, "tok/s": 1, "MB": 1, "count": 0}
+DECIMALS = {"ms": 3, "s": 2, "req/s": 0, "tok/s": 1, "MB": 1, "count": 0, "us": 1, "chunk/s": 0}
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""The bench from start to end: a private stack, the five scenarios in order, the report.
+"""The bench from start to end: a private stack, the scenarios in order, the report.
 
-Order matters on a small machine. Scenario 1 runs first, while the backend is idle,
-and its upstream and second gateway are stopped before the model scenarios, so that
-they do not take CPU from the model.
+Order matters on a small machine. Scenario 1 (and the relay cost, on the same canned
+upstream and gateway) runs first, while the backend is idle, and its upstream and second
+gateway are stopped before the model scenarios, so that they do not take CPU from the
+model. `--only` runs a subset (SCENARIOS names them), in the same order.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from runtime.bench import model, overhead
+from runtime.bench import model, overhead, relay
 from runtime.bench.client import Target
+from runtime.bench.errors import BenchError
 from runtime.bench.loadgen import find_wrk
 from runtime.bench.report import Report
 from runtime.bench.stack import (
@@ -28,6 +30,8 @@ from runtime.bench.stack import (
 )
 
 Echo = Callable[[str], None]
+# What --only takes; "overhead" includes scenario 5 (the gateway's memory after it).
+SCENARIOS = ("overhead", "relay", "streaming", "fairness", "restart")
 
 
 @dataclass(frozen=True)
@@ -41,37 +45,54 @@ class BenchOptions:
     flood_tokens: int = 64  # each of A's requests
     probes: int = 3  # B's requests, one at a time
     restart_settle: float = 2.0  # scenario 4: steady load before and after the restart
+    relay_streams: int = relay.STREAMS  # scenario 6: streams relayed
+    only: frozenset[str] = frozenset(SCENARIOS)  # the scenarios to run
+
+    def runs(self, name: str) -> bool:
+        return name in self.only
+
+
+def parse_only(text: str) -> frozenset[str]:
+    """--only's comma-separated names; a BenchError naming the choices for an unknown one."""
+    names = frozenset(name.strip() for name in text.split(",") if name.strip())
+    unknown = sorted(names - set(SCENARIOS))
+    if unknown or not names:
+        raise BenchError(
+            f"--only takes scenario names separated by commas, from: {', '.join(SCENARIOS)} "
+            f"(got {text!r})"
+        )
+    return names
 
 
 def run_bench(options: BenchOptions, echo: Echo) -> Report:
     """Run every scenario against a private stack; every process is stopped on the way out."""
-    find_wrk()  # fail in a second, not after the stack has started
+    if options.runs("overhead"):
+        find_wrk()  # fail in a second, not after the stack has started
     started = time.monotonic()
     report = Report(settings=asdict(options))
     report.settings["cpus"] = os.cpu_count()
+    report.settings["only"] = [name for name in SCENARIOS if options.runs(name)]  # JSON: no sets
     with terminate_raises(), private_root() as root, contextlib.ExitStack() as exits:
         stack = Stack(root, exits)
         echo(f"starting a private stack in {root} (database, backend, gateway)")
         stack.start()
         keys = {name: stack.create_user(name) for name in ("bench", "user-a", "user-b")}
-        with contextlib.ExitStack() as scenario_1:
-            run_overhead(stack, keys["bench"], options, report, echo, scenario_1)
+        if options.runs("overhead") or options.runs("relay"):
+            with contextlib.ExitStack() as scenario_1:
+                run_overhead(stack, keys["bench"], options, report, echo, scenario_1)
         direct = Target("direct", stack.backend_url, stack.backend_key)
         gateway = Target("gateway", stack.gateway_url, keys["bench"])
-        echo("scenario 2: streaming with the real model")
-        report.rows += asyncio.run(
-            model.measure_streaming(direct, gateway, options.stream_prompts, options.stream_tokens)
-        )
-        run_fairness(stack, keys, options, report, echo)
-        echo("scenario 4: ./console.sh restart under a steady request stream")
-        rows, note = asyncio.run(
-            model.measure_restart(
-                direct, gateway, stack.console_command("restart"), stack.env,
-                options.restart_settle,
+        if options.runs("streaming"):
+            echo("scenario 2: streaming with the real model")
+            report.rows += asyncio.run(
+                model.measure_streaming(
+                    direct, gateway, options.stream_prompts, options.stream_tokens
+                )
             )
-        )  # fmt: skip
-        report.rows += rows
-        report.notes.append(note)
+        if options.runs("fairness"):
+            run_fairness(stack, keys, options, report, echo)
+        if options.runs("restart"):
+            run_restart(stack, direct, gateway, options, report, echo)
         echo("stopping the private stack")
     report.wall_seconds = time.monotonic() - started
     return report
@@ -85,12 +106,20 @@ def run_overhead(
     echo: Echo,
     exits: contextlib.ExitStack,
 ) -> None:
-    """Scenarios 1 and 5; the upstream and its gateway stop when `exits` closes."""
+    """Scenarios 1, 6 and 5 (as chosen); the upstream and its gateway stop when `exits` closes."""
     upstream_port = start_upstream(exits)
     gateway_url, gateway_pid = start_overhead_gateway(stack, upstream_port, exits)
-    echo(f"scenario 1: overhead against a canned upstream (wrk, {options.seconds:.0f}s per run)")
-    upstream_url = f"http://127.0.0.1:{upstream_port}"
-    report.rows += overhead.measure_overhead(upstream_url, gateway_url, key, options.seconds)
+    if options.runs("overhead"):
+        echo(
+            f"scenario 1: overhead against a canned upstream (wrk, {options.seconds:.0f}s per run)"
+        )
+        upstream_url = f"http://127.0.0.1:{upstream_port}"
+        report.rows += overhead.measure_overhead(upstream_url, gateway_url, key, options.seconds)
+    if options.runs("relay"):
+        echo(f"scenario 6: {relay.DESCRIPTION}")
+        report.rows += relay.measure_relay(gateway_url, key, gateway_pid, options.relay_streams)
+    if not options.runs("overhead"):
+        return
     report.rows.append(overhead.memory_row(gateway_pid))
     report.notes.append(
         f"scenario 1: the gateway runs with auth, rate limit (set high enough never to trip), "
@@ -98,6 +127,19 @@ def run_overhead(
         f"so that its queue admits all {overhead.SATURATING_CONNECTIONS} connections; wrk "
         f"uses 1 thread"
     )
+
+
+def run_restart(
+    stack: Stack, direct: Target, gateway: Target, options: BenchOptions, report: Report, echo: Echo
+) -> None:
+    echo("scenario 4: ./console.sh restart under a steady request stream")
+    rows, note = asyncio.run(
+        model.measure_restart(
+            direct, gateway, stack.console_command("restart"), stack.env, options.restart_settle
+        )
+    )
+    report.rows += rows
+    report.notes.append(note)
 
 
 def run_fairness(

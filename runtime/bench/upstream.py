@@ -8,7 +8,10 @@ bench or the gateway.
 
 GET answers a model list (the gateway's /v1/models cache and readiness probe use GET);
 every other method answers a canned chat completion with usage, as the gateway's
-request log expects.
+request log expects. A request whose body asks for `"stream": true` (the relay-cost
+scenario) gets STREAM_TOKENS server-sent events shaped like llama_cpp.server 0.3's, one
+token per event, each written on its own every TOKEN_INTERVAL_SECONDS as a model would,
+then `data: [DONE]`.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import asyncio
 import json
 import signal
 import sys
+
+from runtime.bench.sse import STREAM_HEAD, sse_events
 
 MODELS = {"object": "list", "data": [{"id": "canned", "object": "model", "owned_by": "bench"}]}
 COMPLETION = {
@@ -48,6 +53,12 @@ def canned_response(payload: dict) -> bytes:
 
 GET_ANSWER = canned_response(MODELS)
 POST_ANSWER = canned_response(COMPLETION)
+STREAM_ASK = b'"stream":true'
+STREAM_TOKENS = 256
+# 4 ms a token per stream: with the relay scenario's 8 streams at once, 2,000 chunks/s,
+# which the gateway relays without falling behind (so reads are not coalesced for it).
+TOKEN_INTERVAL_SECONDS = 0.004
+STREAM_EVENTS = sse_events(STREAM_TOKENS)
 
 
 class CannedHttp(asyncio.Protocol):
@@ -56,6 +67,11 @@ class CannedHttp(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.buffer = b""
+        self.streaming: asyncio.Task | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.streaming is not None:
+            self.streaming.cancel()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -67,8 +83,21 @@ class CannedHttp(asyncio.Protocol):
             length = content_length(head)
             if len(self.buffer) < end + 4 + length:
                 return  # the body has not all arrived yet
+            body = self.buffer[end + 4 : end + 4 + length]
             self.buffer = self.buffer[end + 4 + length :]
+            if STREAM_ASK in body.replace(b" ", b""):
+                # One stream per connection at a time, as the gateway sends them.
+                self.streaming = asyncio.ensure_future(self.stream())
+                return
             self.transport.write(GET_ANSWER if head.startswith(b"GET ") else POST_ANSWER)
+
+    async def stream(self) -> None:
+        """The canned SSE answer, one chunked-encoding chunk per event, paced like a model."""
+        self.transport.write(STREAM_HEAD)
+        for event in STREAM_EVENTS:
+            await asyncio.sleep(TOKEN_INTERVAL_SECONDS)
+            self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.transport.write(b"0\r\n\r\n")
 
 
 def content_length(head: bytes) -> int:
