@@ -103,3 +103,13 @@ def parse_dsn(value: str) -> str:
 
 def parse_args(value: str) -> tuple[str, ...]:
     return tuple(shlex.split(value))
+
+
+def parse_device_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list of device ids (CUDA_VISIBLE_DEVICES values), e.g. 0,1."""
+    if value == "":
+        return ()
+    devices = tuple(part.strip() for part in value.split(","))
+    if any(not device or " " in device for device in devices):
+        raise ValueError("must be device ids separated by commas, e.g. 0,1 (one per replica)")
+    return devices
