@@ -161,9 +161,10 @@ class Stack:
         if backend.stop():
             self.echo(f"stopped {self._label(backend)}")
         model = backend.model_path
+        count = len(self.backends)
         self.echo(
             f"starting llama_cpp.server with {model.name} on {backend.url}"
-            + (f" ({self._label(backend)})" if len(self.backends) > 1 else "")
+            + (f" (replica {backend.replica.index} of {count})" if count > 1 else "")
         )
         backend.start(is_cancelled)
 
