@@ -147,7 +147,7 @@ class Stack:
                 other.observe().is_serving for other in self.backends if other is not backend
             )
             with contextlib.nullcontext() if others_serve else holding_requests(self.settings):
-                self._replace_backend(backend, currents[backend.name], is_cancelled)
+                self._replace_backend(backend, is_cancelled)
         return not down and not restart
 
     def _stop_leftover(self, backend: BackendSupervisor, current: ComponentStatus) -> None:
@@ -156,8 +156,9 @@ class Stack:
             self.echo(f"stopped {self._label(backend)}, which did not answer (pid {current.pid})")
 
     def _replace_backend(
-        self, backend: BackendSupervisor, current: ComponentStatus, is_cancelled: Callable[[], bool]
+        self, backend: BackendSupervisor, is_cancelled: Callable[[], bool]
     ) -> None:
+        """Stop the replica if it runs, start it, and return once it serves."""
         if backend.stop():
             self.echo(f"stopped {self._label(backend)}")
         model = backend.model_path
@@ -174,13 +175,13 @@ class Stack:
         return f"replica {backend.replica.index} ({backend.name})"
 
     def _stop_surplus_backends(self) -> None:
+        """Stop the replicas beyond LLAMA_SERVER_REPLICAS, left over from a larger count."""
         for backend in self.surplus_backends():
             if backend.stop():
                 self.echo(
                     f"stopped {backend.name}, beyond LLAMA_SERVER_REPLICAS="
                     f"{self.settings.server.replicas}"
                 )
-            backend.pidfile.unlink(missing_ok=True)
 
     def stop(self) -> bool:
         """Stop the gateway, the backend and the private database; True if any was running.

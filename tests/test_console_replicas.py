@@ -29,6 +29,7 @@ from pgfixture import fresh_database
 
 from runtime.backend import is_answering
 from runtime.procs import read_pidfile
+from runtime.replicas import default_threads
 from runtime.settings import FALLBACK_MODEL_NAME
 
 NAMES = ("backend", "backend-1")
@@ -125,7 +126,7 @@ def test_two_replicas_serve_on_consecutive_ports_with_their_own_pid_log_and_gpu(
     assert pool.gateway_backends() == ",".join(pool.urls)
 
 
-def test_status_shows_each_replica(pool):
+def test_status_and_info_show_each_replica(pool):
     result = pool.run("status")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -134,6 +135,13 @@ def test_status_shows_each_replica(pool):
         assert "serving" in line and f"pid {pid}" in line and url in line
     parts = pool.status_json()
     assert [parts[name]["state"] for name in NAMES] == ["serving", "serving"]
+    info = pool.run("info")
+    assert info.returncode == 0, info.stderr
+    ports = f"{pool.port}, {pool.port + 1}"
+    threads = default_threads(2)
+    assert f"backend replicas: 2 (port {ports}), {threads} thread(s) each, GPUs 0, 1" in info.stdout
+    for name, url in zip(NAMES, pool.urls, strict=True):
+        assert f"\n{name}:\n  url          {url}\n  state        serving" in info.stdout
 
 
 def test_logs_shows_every_replica_or_the_one_asked_for(pool):
