@@ -131,3 +131,13 @@ def _check_backend_url(url: str) -> None:
         raise ValueError(f"{url!r} is not an http:// URL with a host; {shape}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(f"{url!r} has a query, fragment or credentials; {shape}")
+
+
+def parse_device_list(value: str) -> tuple[str, ...]:
+    """A comma-separated list of device ids (CUDA_VISIBLE_DEVICES values), e.g. 0,1."""
+    if value == "":
+        return ()
+    devices = tuple(part.strip() for part in value.split(","))
+    if any(not device or " " in device for device in devices):
+        raise ValueError("must be device ids separated by commas, e.g. 0,1 (one per replica)")
+    return devices

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, TypeVar
 
 from proxy.configparse import (
     parse_args,
+    parse_device_list,
     parse_dsn,
     parse_flag,
     parse_host,
@@ -105,7 +106,27 @@ class ServerKeys:
         parse_host,
         "address llama_cpp.server listens on in single-key mode (gateway mode: 127.0.0.1)",
     )
-    port: int = setting("LLAMA_SERVER_PORT", "8000", parse_port, "port llama_cpp.server listens on")
+    port: int = setting(
+        "LLAMA_SERVER_PORT",
+        "8000",
+        parse_port,
+        "port llama_cpp.server listens on; replica i listens on this port + i (the "
+        "gateway's port is skipped)",
+    )
+    replicas: int = setting(
+        "LLAMA_SERVER_REPLICAS",
+        "1",
+        parse_positive_int,
+        "llama_cpp.server processes of the model to run on this host, behind the gateway "
+        "(each generates for one request at a time)",
+    )
+    replica_gpus: tuple[str, ...] = setting(
+        "LLAMA_REPLICA_GPUS",
+        "",
+        parse_device_list,
+        "one GPU per replica, as CUDA_VISIBLE_DEVICES ids, e.g. 0,1 (empty: every replica "
+        "sees the GPUs of the environment)",
+    )
     api_key: str = setting(
         "LLAMA_API_KEY",
         "",
@@ -124,7 +145,8 @@ class ServerKeys:
         "LLAMA_N_THREADS",
         "",
         parse_optional_int,
-        "CPU threads for generation (empty: llama_cpp.server's default)",
+        "CPU threads for generation, per replica (empty: the cores this host gives the "
+        "console, divided by LLAMA_SERVER_REPLICAS, at least 1)",
     )
     n_gpu_layers: int | None = setting(
         "LLAMA_N_GPU_LAYERS",

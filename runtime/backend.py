@@ -15,6 +15,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from runtime.replicas import Replica
 from runtime.settings import Settings
 
 SERVER_MODULE = "llama_cpp.server"
@@ -39,8 +40,11 @@ PASSED_NAMES = frozenset(
 _PASSED_PREFIXES = ("CUDA_", "HIP_", "ROCR_", "GGML_", "OMP_", "LLAMA_CPP_LIB")
 
 
-def backend_command(settings: Settings, model_path: Path) -> list[str]:
-    """argv for llama_cpp.server; the API key is not here (it travels in the environment)."""
+def backend_command(
+    settings: Settings, model_path: Path, replica: Replica | None = None
+) -> list[str]:
+    """argv for llama_cpp.server (replica 0 unless told); the API key travels in the environment."""
+    replica = replica or settings.replicas[0]
     command = [
         sys.executable,
         "-m",
@@ -50,7 +54,7 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
         "--host",
         settings.backend_host,
         "--port",
-        str(settings.server.port),
+        str(replica.port),
         # The gateway (or the client) owns queueing; a queued request must never cut a
         # live stream short.
         "--interrupt_requests",
@@ -59,7 +63,10 @@ def backend_command(settings: Settings, model_path: Path) -> list[str]:
     optional = {
         "--model_alias": model_alias(settings, model_path),
         "--n_ctx": settings.server.n_ctx,
-        "--n_threads": settings.server.n_threads,
+        "--n_threads": replica.threads,
+        # Its default is every core, which replicas processing prompts at once would
+        # oversubscribe; LLAMA_EXTRA_ARGS comes later, so it can still set another.
+        "--n_threads_batch": replica.threads if settings.server.replicas > 1 else None,
         "--n_gpu_layers": settings.server.n_gpu_layers,
     }
     for flag, value in optional.items():
@@ -77,13 +84,17 @@ def model_alias(settings: Settings, model_path: Path) -> str:
     return settings.server.model_alias or model_path.name
 
 
-def backend_environment(settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
-    """A cleaned environment for the child, with the API key added."""
+def backend_environment(
+    settings: Settings, environ: Mapping[str, str], replica: Replica | None = None
+) -> dict[str, str]:
+    """A cleaned environment for the child, with the API key and the replica's GPU added."""
     cleaned = {
         name: value
         for name, value in environ.items()
         if name in PASSED_NAMES or name.startswith(_PASSED_PREFIXES)
     }
+    if replica is not None and replica.gpu:
+        cleaned["CUDA_VISIBLE_DEVICES"] = replica.gpu
     if settings.server.api_key:
         cleaned["API_KEY"] = settings.server.api_key
     cleaned["PYTHONUNBUFFERED"] = "1"
@@ -133,13 +144,15 @@ _FAILURE_PATTERNS = (
 )
 
 
-def explain_failure(log_tail: str, settings: Settings, model_path: Path) -> str:
+def explain_failure(
+    log_tail: str, settings: Settings, model_path: Path, port: int | None = None
+) -> str:
     """One line that says why the backend exited, judged from the end of its log."""
     for pattern, message in _FAILURE_PATTERNS:
         found = pattern.search(log_tail)
         if found:
             return message.format(
-                port=settings.server.port,
+                port=port or settings.server.port,
                 host=settings.server.host,
                 model=model_path,
                 match=found.group(0),

@@ -21,6 +21,7 @@ from runtime import cli_models, service
 from runtime.cli_support import ConsoleGroup, load, load_leniently, wait_message
 from runtime.lock import console_lock
 from runtime.pglocation import find_place
+from runtime.replicas import replica_name
 from runtime.settings import Paths, Settings, paths_from_env
 from runtime.states import ComponentStatus, State
 
@@ -44,6 +45,9 @@ def report_started(result: service.StartResult) -> None:
         )
         return
     click.echo(f"serving {model} behind the gateway at {public.url}/v1 (pid {public.pid})")
+    if len(result.replicas) > 1:
+        urls = ", ".join(replica.url for replica in result.replicas)
+        click.echo(f"{len(result.replicas)} replicas of llama_cpp.server: {urls}")
     click.echo(
         "create a user and their key with: ./bin/user_management_cli.sh create-user "
         "--username NAME; see agents.md"
@@ -135,6 +139,8 @@ def restart(paths: Paths, model: str | None) -> None:
 
     The gateway stays up: requests in flight finish, and requests that arrive
     meanwhile wait (up to LLAMA_PROXY_BACKEND_WAIT_SECONDS) instead of failing.
+    With LLAMA_SERVER_REPLICAS above 1 the restart is rolling: one replica at a
+    time, each serving again before the next is stopped, so the others serve.
 
     \b
     Example:
@@ -157,7 +163,9 @@ def restart(paths: Paths, model: str | None) -> None:
 def status(paths: Paths, as_json: bool) -> None:
     """Show whether each part serves. Exit 0 all serving, 3 all stopped, 4 starting, 1 otherwise.
 
-    In gateway mode the parts are the database, the backend and the gateway. A part
+    In gateway mode the parts are the database, the backend and the gateway; each
+    replica of the backend is a part of its own (backend, backend-1, ...), so one
+    replica down is degraded (exit 1) while the others serve. A part
     that runs but does not answer yet is starting (exit 4) until LLAMA_START_TIMEOUT_SECONDS
     has passed since it was launched, and degraded (exit 1) after that.
 
@@ -194,6 +202,7 @@ def describe_status(name: str, status: ComponentStatus) -> str:
 
 @cli.command()
 @click.argument("component", type=click.Choice(["backend", "proxy", "db"]), default="backend")
+@click.argument("replica", type=click.IntRange(min=0), required=False)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option(
     "-n",
@@ -204,21 +213,42 @@ def describe_status(name: str, status: ComponentStatus) -> str:
     help="How many lines to show.",
 )
 @click.pass_obj
-def logs(paths: Paths, component: str, follow: bool, lines: int) -> None:
+def logs(paths: Paths, component: str, replica: int | None, follow: bool, lines: int) -> None:
     """Show the end of a log in runtime/logs/ (db: wherever the private cluster lives).
+
+    With LLAMA_SERVER_REPLICAS above 1, `logs backend` shows every replica's log, each
+    under a header, and `logs backend N` replica N's alone (0 is backend.log, N is
+    backend-N.log).
 
     \b
     Example:
         ./console.sh logs -n 100
         ./console.sh logs backend -f
+        ./console.sh logs backend 1  # replica 1
         ./console.sh logs proxy      # the gateway
         ./console.sh logs db         # the private PostgreSQL
     """
-    log = find_place(paths).log_path if component == "db" else paths.logs_dir / f"{component}.log"
-    if not log.is_file():
-        raise CliError(f"no log yet at {log}; it appears once ./console.sh start has run")
-    argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(log)]
+    if component == "db":
+        found = [find_place(paths).log_path]
+    else:
+        found = [paths.logs_dir / f"{name}.log" for name in log_names(paths, component, replica)]
+    missing = [log for log in found if not log.is_file()]
+    if missing:
+        raise CliError(f"no log yet at {missing[0]}; it appears once ./console.sh start has run")
+    argv = ["tail", "-n", str(lines)] + (["-F"] if follow else []) + [str(log) for log in found]
     os.execvp("tail", argv)
+
+
+def log_names(paths: Paths, component: str, replica: int | None) -> list[str]:
+    """The stems of the logs to show: one component's, or every configured replica's."""
+    if component != "backend":
+        if replica is not None:
+            raise CliError(f"only the backend has replicas; run ./console.sh logs {component}")
+        return [component]
+    if replica is not None:
+        return [replica_name(replica)]
+    count = load_leniently(paths).server.replicas
+    return [replica_name(index) for index in range(count)]
 
 
 @cli.command()

@@ -1,6 +1,6 @@
 """`start --foreground`: stay attached and keep the backend alive, for systemd.
 
-A crashed backend is restarted after an exponentially growing wait; after
+A crashed backend (any replica) is restarted after an exponentially growing wait; after
 LLAMA_RESTART_MAX_CRASHES crashes within LLAMA_RESTART_WINDOW_SECONDS the supervisor
 gives up with a non-zero exit, so systemd (or the operator) sees the failure.
 SIGTERM or SIGINT stops the backend and exits 0.
@@ -71,7 +71,8 @@ class ForegroundSupervisor:
 
     def _claim(self) -> None:
         """Refuse a backend this supervisor did not start, or a bad model; else own the service."""
-        if self.stack.backend.status().is_serving or service.is_foreground_running(self.settings):
+        is_serving = any(backend.status().is_serving for backend in self.stack.backends)
+        if is_serving or service.is_foreground_running(self.settings):
             raise StartError(
                 "the backend is already running; run ./console.sh stop first, "
                 "so that this supervisor owns it"
@@ -85,20 +86,20 @@ class ForegroundSupervisor:
     def _start_parts(self) -> None:
         """The one start path; callers hold the lock."""
         self.stack.start(is_cancelled=lambda: self.is_stop_requested)
-        backend = self.stack.backend
-        self.echo(
-            f"serving {backend.model_path.name} at {backend.url} (pid {backend.launched.pid})"
-        )
+        for backend in self.stack.backends:
+            self.echo(
+                f"serving {backend.model_path.name} at {backend.url} (pid {backend.launched.pid})"
+            )
         if self.stack.gateway:
             self.echo(f"the gateway serves at {self.stack.gateway.url}")
 
     def _supervise(self) -> int:
         """Wait for crashes and recover from them; the exit code once it is time to stop."""
         while not self.is_stop_requested:
-            returncode = self._wait_for_exit()
-            if returncode is None:
+            exited = self._wait_for_exit()
+            if exited is None:
                 break
-            if not self._recover(returncode):
+            if not self._recover(*exited):
                 return 0 if self.is_stop_requested else EXIT_GAVE_UP
         return 0
 
@@ -115,24 +116,29 @@ class ForegroundSupervisor:
         except RESTART_ERRORS as error:
             self.echo(f"the gateway did not start: {error}")
 
-    def _wait_for_exit(self) -> int | None:
-        """The backend's exit code, or None once a stop is requested."""
+    def _wait_for_exit(self) -> tuple[str, int] | None:
+        """Which backend exited and its exit code, or None once a stop is requested."""
         while not self.is_stop_requested:
-            returncode = self.stack.backend.poll_exit()
-            if returncode is not None:
-                return returncode
+            for backend in self.stack.backends:
+                returncode = backend.poll_exit()
+                if returncode is not None:
+                    return backend.name, returncode
             self._keep_gateway_up()
             time.sleep(0.2)
         return None
 
-    def _recover(self, returncode: int) -> bool:
-        """Restart after a crash, with backoff; False when it is time to give up."""
+    def _recover(self, name: str, returncode: int) -> bool:
+        """Restart after a crash, with backoff; False when it is time to give up.
+
+        The crashes of all replicas count together: a cause they share (a port, the
+        model) makes each of them crash, and must end in giving up too.
+        """
         while not self.is_stop_requested:
             delay = self._record_crash()
             if delay is None:
                 return False
             self.echo(
-                f"the backend exited with code {returncode}; restarting in {delay:.1f}s "
+                f"the {name} exited with code {returncode}; restarting in {delay:.1f}s "
                 f"(crash {len(self.crash_times)} of "
                 f"{self.settings.console.restart_max_crashes} allowed within "
                 f"{self.settings.console.restart_window_seconds:.0f}s)"

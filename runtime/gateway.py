@@ -23,6 +23,7 @@ from proxy.config import (
 from proxy.configschema import GatewayKeys, keys_of
 from runtime.backend import PASSED_NAMES, answers_http, model_alias
 from runtime.modelfiles import ModelError, resolve_model
+from runtime.procs import read_pidfile
 from runtime.settings import CODE_DIR, Settings
 from runtime.supervisor import ProcessSupervisor
 
@@ -93,7 +94,8 @@ class GatewaySupervisor(ProcessSupervisor):
         cleaned.update({key.name: settings.texts[key.name] for key in keys_of(GatewayKeys)})
         cleaned.update(
             {
-                BACKEND_URL_KEY: settings.backend_url,
+                # One URL per replica, comma-separated; one replica gives one URL.
+                BACKEND_URL_KEY: settings.backend_urls,
                 BACKEND_KEY_KEY: settings.server.api_key,
                 "POSTGRES_AUTH_DSN": self.dsn,
                 SPOOL_KEY: str(paths.spool_path),
@@ -107,6 +109,14 @@ class GatewaySupervisor(ProcessSupervisor):
             }
         )
         return cleaned
+
+    def details(self) -> dict[str, str]:
+        return {"backends": self.settings.backend_urls}
+
+    def served_backends(self) -> str | None:
+        """The replica URLs the running gateway was started with; None if it did not say."""
+        record = read_pidfile(self.pidfile)
+        return record.details.get("backends") if record else None
 
     def is_answering(self, url: str, timeout: float = 1.0) -> bool:
         return answers_http(url, HEALTH_PATH, timeout)

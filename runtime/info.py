@@ -97,8 +97,22 @@ def _versions_section() -> str:
     return "\n".join(lines)
 
 
+def _replicas_line(settings: Settings) -> str:
+    """How many llama_cpp.server processes, where, with how many threads and which GPUs."""
+    replicas = settings.replicas
+    ports = ", ".join(str(replica.port) for replica in replicas)
+    line = (
+        f"backend replicas: {len(replicas)} (port {ports}), "
+        f"{settings.server.n_threads} thread(s) each"
+    )
+    if settings.server.replica_gpus:
+        line += f", GPUs {', '.join(replica.gpu for replica in replicas)}"
+    return line
+
+
 def _parts_section(settings: Settings) -> str:
     lines = [f"mode: {'gateway' if settings.is_gateway_mode else 'single-key'}"]
+    lines.append(_replicas_line(settings))
     for name, status in component_statuses(settings).items():
         lines += [f"{name}:", f"  url          {status.url}", f"  state        {status.state}"]
         if status.detail:

@@ -2,8 +2,9 @@
 
 In gateway mode the service is three parts, started in this order and stopped in the
 reverse one: the database (the private cluster, unless the operator has their own), the
-backend, and the gateway. In single-key mode it is the backend alone. `Stack.start` is
-the one start path: start, restart, ensure and the foreground supervisor all use it.
+backend (LLAMA_SERVER_REPLICAS processes of llama_cpp.server, runtime/replicas.py), and
+the gateway. In single-key mode it is the backend alone. `Stack.start` is the one start
+path: start, restart, ensure and the foreground supervisor all use it.
 
 Callers hold the console lock. Errors are domain errors; cli.py turns them into messages
 and exit codes.
@@ -20,6 +21,7 @@ from runtime.database import Database
 from runtime.gateway import GatewaySupervisor
 from runtime.modelfiles import find_readable_model
 from runtime.procs import is_alive, read_pidfile
+from runtime.replicas import indexes_on_disk
 from runtime.settings import ConfigError, Settings
 from runtime.states import ComponentStatus, State
 from runtime.supervisor import BackendSupervisor
@@ -30,9 +32,10 @@ Echo = Callable[[str], None]
 
 @dataclass(frozen=True)
 class StartResult:
-    status: ComponentStatus  # the backend
+    status: ComponentStatus  # the backend (replica 0)
     was_running: bool
     gateway: ComponentStatus | None = None
+    replicas: tuple[ComponentStatus, ...] = ()  # every replica, replica 0 first
 
 
 def check_ready_to_start(settings: Settings) -> Path:
@@ -54,8 +57,24 @@ class Stack:
         self.echo = echo
         is_gateway_mode = settings.is_gateway_mode
         self.database = Database(settings, echo) if is_gateway_mode else None
-        self.backend = BackendSupervisor(settings, echo=echo)
+        self.backends = [
+            BackendSupervisor(settings, echo=echo, replica=replica) for replica in settings.replicas
+        ]
         self.gateway = GatewaySupervisor(settings, echo=echo) if is_gateway_mode else None
+
+    @property
+    def backend(self) -> BackendSupervisor:
+        """Replica 0, the one backend unless LLAMA_SERVER_REPLICAS says more."""
+        return self.backends[0]
+
+    def surplus_backends(self) -> list[BackendSupervisor]:
+        """Replicas that have a pid file but are beyond LLAMA_SERVER_REPLICAS (it shrank)."""
+        configured = len(self.backends)
+        return [
+            BackendSupervisor(self.settings, echo=self.echo, replica=self.settings.replica(index))
+            for index in indexes_on_disk(self.settings.paths.run_dir)
+            if index >= configured
+        ]
 
     def start(
         self, is_cancelled: Callable[[], bool] = lambda: False, *, restart: bool = False
@@ -67,10 +86,13 @@ class Stack:
         so that a busy one leaves nothing behind. The model is checked before anything
         else, so a bad one leaves the old backend serving.
         """
-        self.backend.model_path = check_ready_to_start(self.settings)
+        model_path = check_ready_to_start(self.settings)
+        for backend in self.backends:
+            backend.model_path = model_path
         was_gateway_up = self._prepare_gateway()
         was_database_up = self._ensure_database()
-        was_backend_up = self._ensure_backend(is_cancelled, restart)
+        self._stop_surplus_backends()
+        was_backend_up = self._ensure_backends(is_cancelled, restart)
         if not was_gateway_up:
             self.echo(f"starting the gateway on {self.gateway.url}")
             self.gateway.start(is_cancelled)
@@ -78,12 +100,22 @@ class Stack:
             self.backend.status(),
             was_database_up and was_backend_up and was_gateway_up,
             self.gateway.status() if self.gateway else None,
+            tuple(backend.status() for backend in self.backends),
         )
 
     def _prepare_gateway(self) -> bool:
-        """True if the gateway serves; else clear what is left of it and check its port."""
-        if self.gateway is None or self.gateway.observe().is_serving:
+        """True if the gateway serves the configured replicas; else stop it, check its port."""
+        if self.gateway is None:
             return True
+        if self.gateway.observe().is_serving:
+            served = self.gateway.served_backends()
+            if served in (None, self.settings.backend_urls):
+                return True
+            # It learns the replicas only when it starts; it drains before it stops.
+            self.echo(
+                f"the gateway serves the replicas {served}; restarting it for "
+                f"{self.settings.backend_urls} (LLAMA_SERVER_REPLICAS changed)"
+            )
         self.gateway.stop()
         self.gateway.check_port_free()
         return False
@@ -96,22 +128,60 @@ class Stack:
         self.gateway.dsn = self.database.ensure_running()
         return was_up
 
-    def _ensure_backend(self, is_cancelled: Callable[[], bool], restart: bool) -> bool:
-        """Start the backend unless it serves (or restart); True if it was left serving."""
-        current = self.backend.observe()
-        if current.is_serving and not restart:
-            return True
-        with holding_requests(self.settings):
-            if self.backend.stop():
+    def _ensure_backends(self, is_cancelled: Callable[[], bool], restart: bool) -> bool:
+        """Start each replica that does not serve, then (restart) replace the serving ones.
+
+        One at a time, each serving before the next is stopped, so a pool never drops to
+        zero. The restart flag makes the gateway hold requests only while no replica
+        serves: with one replica, for the whole restart. Every port to open is checked
+        first, so a busy one stops nothing and starts nothing.
+        """
+        currents = {backend.name: backend.observe() for backend in self.backends}
+        down = [backend for backend in self.backends if not currents[backend.name].is_serving]
+        serving = [backend for backend in self.backends if currents[backend.name].is_serving]
+        for backend in down:
+            self._stop_leftover(backend, currents[backend.name])
+            backend.check_port_free()
+        for backend in down + (serving if restart else []):
+            others_serve = any(
+                other.observe().is_serving for other in self.backends if other is not backend
+            )
+            with contextlib.nullcontext() if others_serve else holding_requests(self.settings):
+                self._replace_backend(backend, is_cancelled)
+        return not down and not restart
+
+    def _stop_leftover(self, backend: BackendSupervisor, current: ComponentStatus) -> None:
+        """Stop what is left of a replica that does not serve (dead, hung, or starting)."""
+        if backend.stop():
+            self.echo(f"stopped {self._label(backend)}, which did not answer (pid {current.pid})")
+
+    def _replace_backend(
+        self, backend: BackendSupervisor, is_cancelled: Callable[[], bool]
+    ) -> None:
+        """Stop the replica if it runs, start it, and return once it serves."""
+        if backend.stop():
+            self.echo(f"stopped {self._label(backend)}")
+        model = backend.model_path
+        count = len(self.backends)
+        self.echo(
+            f"starting llama_cpp.server with {model.name} on {backend.url}"
+            + (f" (replica {backend.replica.index} of {count})" if count > 1 else "")
+        )
+        backend.start(is_cancelled)
+
+    def _label(self, backend: BackendSupervisor) -> str:
+        if len(self.backends) == 1 and backend.replica.index == 0:
+            return "the backend"
+        return f"replica {backend.replica.index} ({backend.name})"
+
+    def _stop_surplus_backends(self) -> None:
+        """Stop the replicas beyond LLAMA_SERVER_REPLICAS, left over from a larger count."""
+        for backend in self.surplus_backends():
+            if backend.stop():
                 self.echo(
-                    "stopped the backend"
-                    if current.is_serving
-                    else f"stopped a backend that did not answer (pid {current.pid})"
+                    f"stopped {backend.name}, beyond LLAMA_SERVER_REPLICAS="
+                    f"{self.settings.server.replicas}"
                 )
-            model = self.backend.model_path
-            self.echo(f"starting llama_cpp.server with {model.name} on {self.backend.url}")
-            self.backend.start(is_cancelled)
-        return False
 
     def stop(self) -> bool:
         """Stop the gateway, the backend and the private database; True if any was running.
@@ -120,7 +190,8 @@ class Stack:
         """
         gateway = self.gateway or GatewaySupervisor(self.settings, echo=self.echo)
         was_running = gateway.stop()
-        was_running = self.backend.stop() or was_running
+        for backend in self.backends + self.surplus_backends():
+            was_running = backend.stop() or was_running
         database = self.database or Database(self.settings, self.echo)
         if database.is_managed and database.stop():
             self.echo("stopped the private PostgreSQL cluster")
@@ -174,8 +245,12 @@ def is_foreground_running(settings: Settings) -> bool:
 def component_statuses(settings: Settings) -> dict[str, ComponentStatus]:
     """Each part of the service and its state, in start order."""
     stack = Stack(settings)
-    parts = {"database": stack.database, "backend": stack.backend, "gateway": stack.gateway}
-    return {name: part.status() for name, part in parts.items() if part is not None}
+    backends = stack.backends + stack.surplus_backends()
+    parts = [stack.database, *backends, stack.gateway]
+    names = ["database", *(backend.name for backend in backends), "gateway"]
+    return {
+        name: part.status() for name, part in zip(names, parts, strict=True) if part is not None
+    }
 
 
 def overall_state(settings: Settings, statuses: dict[str, ComponentStatus]) -> State:

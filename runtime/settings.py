@@ -30,6 +30,7 @@ from proxy.configschema import (
     build,
     values_of,
 )
+from runtime.replicas import Replica, default_threads, replica_ports, replica_problem
 
 CODE_DIR = Path(__file__).resolve().parent.parent
 
@@ -137,7 +138,32 @@ class Settings:
 
     @property
     def backend_url(self) -> str:
-        return _local_url(self.backend_host, self.server.port)
+        """Replica 0's URL: the backend's, when there is one."""
+        return self.replicas[0].url
+
+    @property
+    def backend_urls(self) -> str:
+        """Every replica's URL, comma-separated, for the gateway; one URL with one replica."""
+        return ",".join(replica.url for replica in self.replicas)
+
+    @property
+    def replicas(self) -> tuple[Replica, ...]:
+        """The configured replicas of llama_cpp.server (runtime/replicas.py)."""
+        return tuple(self.replica(index) for index in range(self.server.replicas))
+
+    def replica(self, index: int) -> Replica:
+        """Replica index, also one beyond LLAMA_SERVER_REPLICAS (left over from a shrink)."""
+        skipped = self.gateway.port if self.is_gateway_mode else None
+        port = replica_ports(self.server.port, index + 1, skipped)[-1]
+        gpus = self.server.replica_gpus
+        return Replica(
+            index=index,
+            host=self.backend_host,
+            port=port,
+            url=_local_url(self.backend_host, port),
+            threads=self.server.n_threads,
+            gpu=gpus[index] if index < len(gpus) else "",
+        )
 
 
 def _local_url(host: str, port: int) -> str:
@@ -160,11 +186,13 @@ def load_settings(
     flags: Mapping[str, str] | None = None,
     environ: Mapping[str, str] | None = None,
     is_strict: bool = True,
+    cpu_count: int | None = None,
 ) -> Settings:
     """Merge every source by precedence and validate each value; raise ConfigError.
 
     With is_strict=False, invalid values fall back to their defaults, so that read-only
     commands (status) can still report the truth about a broken configuration.
+    cpu_count stands in for the cores this process may use (tests).
     """
     environ = os.environ if environ is None else environ
     paths = paths or paths_from_env(environ)
@@ -186,6 +214,11 @@ def load_settings(
             raw, source = key.default, "default"
             values[key.name] = _parse(key, raw, source)
         sources[key.name], texts[key.name] = source, raw
+    _check_replicas(values, sources, texts, is_strict)
+    if values["LLAMA_N_THREADS"] is None:
+        replicas = values["LLAMA_SERVER_REPLICAS"]
+        values["LLAMA_N_THREADS"] = default_threads(replicas, cpu_count)
+        sources["LLAMA_N_THREADS"] = f"default (the cores ÷ {replicas} replica(s))"
     sections = {
         "server": build(ServerKeys, values),
         "console": build(ConsoleKeys, values),
@@ -193,6 +226,19 @@ def load_settings(
         "database": build(DatabaseKeys, values),
     }
     return Settings(paths=paths, **sections, sources=sources, texts=texts)
+
+
+def _check_replicas(
+    values: dict[str, Any], sources: dict[str, str], texts: dict[str, str], is_strict: bool
+) -> None:
+    """The rules across the replica keys; leniently, a single replica on the first port."""
+    problem = replica_problem(values, lambda name: _where(sources[name]))
+    if problem is None:
+        return
+    if is_strict:
+        raise ConfigError(problem)
+    for name, default in (("LLAMA_SERVER_REPLICAS", 1), ("LLAMA_REPLICA_GPUS", ())):
+        values[name], sources[name], texts[name] = default, "default", str(default or "")
 
 
 def _read_layers(
@@ -228,5 +274,13 @@ def _parse(key: Key, raw: str, source: str) -> Any:
         return key.parse(raw.strip())
     except ValueError as error:
         reason = str(error)
-        where = f"in {source}" if source.startswith("/") else f"from the {source}"
-        raise ConfigError(f"invalid {key.described(raw)} {where}: {reason}; fix it there") from None
+        raise ConfigError(
+            f"invalid {key.described(raw)} {_where(source)}: {reason}; fix it there"
+        ) from None
+
+
+def _where(source: str) -> str:
+    """Where a value came from, as the end of a sentence: in FILE, from the environment."""
+    if source == "default":
+        return "by default"
+    return f"in {source}" if source.startswith("/") else f"from the {source}"

@@ -27,6 +27,7 @@ from runtime.procs import (
     terminate_group,
     write_pidfile,
 )
+from runtime.replicas import Replica
 from runtime.settings import Settings
 from runtime.states import ComponentStatus, State, checked_move
 
@@ -306,7 +307,7 @@ class ProcessSupervisor:
 
 
 class BackendSupervisor(ProcessSupervisor):
-    """The one llama_cpp.server process."""
+    """One llama_cpp.server process: replica 0 (the backend) unless told another."""
 
     name = "backend"
     marker = backend.SERVER_MODULE
@@ -317,32 +318,41 @@ class BackendSupervisor(ProcessSupervisor):
         environ: Mapping[str, str] | None = None,
         echo: Callable[[str], None] = print,
         model_path: Path | None = None,
+        replica: Replica | None = None,
     ) -> None:
+        self.replica = replica or settings.replicas[0]
+        self.name = self.replica.name  # before the pid and log files are named after it
         super().__init__(settings, environ, echo)
         self.model_path = model_path
 
     @property
     def url(self) -> str:
-        return self.settings.backend_url
+        return self.replica.url
 
     @property
     def listen_address(self) -> tuple[str, int, str]:
-        return self.settings.backend_host, self.settings.server.port, "LLAMA_SERVER_PORT"
+        key = "LLAMA_SERVER_PORT"
+        if self.settings.server.replicas > 1:
+            key += f" (the {self.settings.server.replicas} replicas use the ports from it up)"
+        return self.replica.host, self.replica.port, key
 
     def command(self) -> list[str]:
-        return backend.backend_command(self.settings, self._model())
+        return backend.backend_command(self.settings, self._model(), self.replica)
 
     def environment(self) -> dict[str, str]:
-        return backend.backend_environment(self.settings, self.environ)
+        return backend.backend_environment(self.settings, self.environ, self.replica)
 
     def details(self) -> dict[str, str]:
-        return {"model": str(self._model())} if self.model_path else {}
+        details = {"model": str(self._model())} if self.model_path else {}
+        if self.replica.gpu:
+            details["gpu"] = self.replica.gpu
+        return details
 
     def is_answering(self, url: str, timeout: float = 1.0) -> bool:
         return backend.is_answering(url, timeout)
 
     def explain_failure(self, log_tail: str) -> str:
-        return backend.explain_failure(log_tail, self.settings, self._model())
+        return backend.explain_failure(log_tail, self.settings, self._model(), self.replica.port)
 
     def _model(self) -> Path:
         if self.model_path is None:

@@ -108,3 +108,22 @@ def test_foreground_in_gateway_mode_runs_and_stops_the_gateway_too(gateway_home)
     assert supervisor.wait(timeout=60) == 0
     assert not is_alive(gateway)
     assert gateway_home.run("status").returncode == 3
+
+
+def test_a_crash_of_any_replica_is_seen_and_named(tmp_path):
+    from runtime.foreground import ForegroundSupervisor
+    from runtime.settings import Paths, load_settings
+
+    settings = load_settings(Paths(root=tmp_path), environ={"LLAMA_SERVER_REPLICAS": "2"})
+    supervisor = ForegroundSupervisor(settings, echo=lambda line: None)
+    first, second = supervisor.stack.backends
+    first.poll_exit = lambda: None  # replica 0 serves on
+    second.poll_exit = lambda: -9  # replica 1 was killed
+    rounds = []
+
+    def one_round() -> None:
+        rounds.append(1)
+        supervisor.is_stop_requested = len(rounds) >= 3  # no endless wait if it is missed
+
+    supervisor._keep_gateway_up = one_round
+    assert supervisor._wait_for_exit() == ("backend-1", -9)
