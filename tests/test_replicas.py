@@ -76,7 +76,7 @@ def test_the_gateway_gets_every_replica_url_and_one_url_for_one_replica(paths):
         settings = load_settings(paths, {}, {**environ, "LLAMA_SERVER_REPLICAS": replicas})
         gateway = GatewaySupervisor(settings, dsn="postgresql://x@h/db", environ={})
         assert gateway.environment()["LLAMA_PROXY_BACKEND_URL"] == urls
-        assert load_config(gateway.environment()).backend_url == urls
+        assert load_config(gateway.environment()).backend_urls == tuple(urls.split(","))
 
 
 def test_each_replica_gets_its_own_gpu(paths):
