@@ -41,6 +41,14 @@ from proxy.adminsupport import (
 )
 from proxy.clierrors import EXIT_BAD_INPUT, CliError
 from proxy.migrations import migrate, schema_version
+from proxy.tokenaccounts import (
+    DAILY_QUOTA,
+    MONTHLY_QUOTA,
+    TOKENS_PER_MINUTE,
+    describe_tokens,
+    parse_token_value,
+    set_token_limits,
+)
 
 
 @click.group(cls=AdminGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -183,6 +191,9 @@ def show_user(env: AdminEnv, username: str, as_json: bool) -> None:
     click.echo(f"user:        {user.username}")
     click.echo(f"status:      {status(user)}")
     click.echo(f"rate limit:  {describe_limit(user.rate_limit)}")
+    click.echo(f"tokens/min:  {describe_tokens(user.tokens_per_minute)}")
+    click.echo(f"daily quota: {describe_tokens(user.daily_token_quota)}")
+    click.echo(f"month quota: {describe_tokens(user.monthly_token_quota)}")
     click.echo(f"created:     {when(user.created_at)}")
     click.echo(f"requests:    {detail.request_count} (last: {when(detail.last_request_at)})")
     click.echo("keys:")
@@ -348,27 +359,50 @@ def rotate_key(
 
 
 @cli.command("set-limit")
-@click.argument("values", nargs=-1, metavar="[NAME] LIMIT")
+@click.argument("values", nargs=-1, metavar="[NAME] [LIMIT]")
 @click.option("--username", "-u", "option_name", metavar="NAME", help="The user.")
+@click.option("--tpm", metavar="N", help="Tokens per minute: N, 'none' (unlimited) or 'default'.")
 @pass_env
-def set_limit(env: AdminEnv, values: tuple[str, ...], option_name: str | None) -> None:
-    """Set a user's rate limit: LIMIT requests per window, or 'default' for the gateway's.
+def set_limit(
+    env: AdminEnv, values: tuple[str, ...], option_name: str | None, tpm: str | None
+) -> None:
+    """Set a user's rate limit: LIMIT requests per window, or 'default' for the gateway's;
+    and with --tpm, the tokens (prompt plus completion) they may use per minute.
 
-    The window is LLAMA_PROXY_RATE_WINDOW_SECONDS; the default LLAMA_PROXY_RATE_LIMIT.
+    The window is LLAMA_PROXY_RATE_WINDOW_SECONDS; the defaults LLAMA_PROXY_RATE_LIMIT
+    and LLAMA_PROXY_TOKENS_PER_MINUTE.
 
     \b
     Example:
         bin/user_management_cli.sh set-limit --username alice 600
         bin/user_management_cli.sh set-limit --username alice default
+        bin/user_management_cli.sh set-limit alice --tpm 20000
+        bin/user_management_cli.sh set-limit alice --tpm none
     """
-    if len(values) != (1 if option_name else 2):
+    names = 0 if option_name else 1
+    if len(values) != names + 1 and not (tpm is not None and len(values) == names):
         raise CliError(
-            "give the user and the limit: set-limit --username NAME LIMIT", EXIT_BAD_INPUT
+            "give the user and the limit: set-limit --username NAME LIMIT, "
+            "or set-limit NAME --tpm N",
+            EXIT_BAD_INPUT,
         )
-    username = pick_username(values[0] if len(values) == 2 else None, option_name)
-    rate_limit = parse_limit(values[-1])
-    run(env, functools.partial(accounts.set_limit, username=username, rate_limit=rate_limit))
-    click.echo(f"rate limit of {username!r}: {describe_limit(rate_limit)}")
+    username = pick_username(values[0] if names else None, option_name)
+    has_rate_limit = len(values) == names + 1
+    rate_limit = parse_limit(values[-1]) if has_rate_limit else None
+    tokens = {} if tpm is None else {TOKENS_PER_MINUTE: parse_token_value(TOKENS_PER_MINUTE, tpm)}
+
+    async def apply(conn: asyncpg.Connection) -> None:
+        async with conn.transaction():
+            if has_rate_limit:
+                await accounts.set_limit(conn, username, rate_limit)
+            if tokens:
+                await set_token_limits(conn, username, tokens)
+
+    run(env, apply)
+    if has_rate_limit:
+        click.echo(f"rate limit of {username!r}: {describe_limit(rate_limit)}")
+    for setting, value in tokens.items():
+        click.echo(f"{setting.label} of {username!r}: {describe_tokens(value)}")
 
 
 def parse_limit(text: str) -> int | None:
@@ -381,6 +415,32 @@ def parse_limit(text: str) -> int | None:
             f"invalid limit {text!r}: give a number of requests per window, or 'default'",
             EXIT_BAD_INPUT,
         ) from None
+
+
+@cli.command("set-quota")
+@user_argument
+@click.option("--daily", metavar="N", help="Tokens per UTC day: N, 'none' or 'default'.")
+@click.option("--monthly", metavar="N", help="Tokens per UTC month: N, 'none' or 'default'.")
+@pass_env
+def set_quota(env: AdminEnv, username: str, daily: str | None, monthly: str | None) -> None:
+    """Set a user's token quotas: prompt plus completion tokens per UTC day and per month.
+
+    Each takes a number, 'none' (unlimited, whatever the gateway's default) or 'default'
+    (LLAMA_PROXY_DAILY_TOKEN_QUOTA, LLAMA_PROXY_MONTHLY_TOKEN_QUOTA). A quota resets at
+    00:00 UTC, on the first of the month for the monthly one.
+
+    \b
+    Example:
+        bin/user_management_cli.sh set-quota alice --daily 200000 --monthly 3000000
+        bin/user_management_cli.sh set-quota alice --daily default
+    """
+    given = ((DAILY_QUOTA, daily), (MONTHLY_QUOTA, monthly))
+    quotas = {setting: parse_token_value(setting, text) for setting, text in given if text}
+    if not quotas:
+        raise CliError("give --daily N, --monthly N or both", EXIT_BAD_INPUT)
+    run(env, functools.partial(set_token_limits, username=username, values=quotas))
+    for setting, value in quotas.items():
+        click.echo(f"{setting.label} of {username!r}: {describe_tokens(value)}")
 
 
 @cli.command()

@@ -53,6 +53,8 @@ class Identity:
     key_id: str
     rate_limit: int | None
     digest: bytes = field(default=b"", repr=False)  # to re-check the key later, cheaply
+    # The user's own token limits (None: the gateway's default); see proxy/tokenbudget.py.
+    token_limits: tuple[int | None, int | None, int | None] = (None, None, None)
 
 
 def extract_key(headers: Mapping[str, str]) -> str:
@@ -151,7 +153,8 @@ def judge(record: store.KeyRecord | None, now: datetime, digest: bytes = b"") ->
     if refused is not None:
         raise unauthorized(refused[1])
     assert record is not None
-    return Identity(record.username, record.key_id, record.rate_limit, digest)
+    own_tokens = (record.tokens_per_minute, record.daily_token_quota, record.monthly_token_quota)
+    return Identity(record.username, record.key_id, record.rate_limit, digest, own_tokens)
 
 
 class Authenticator:

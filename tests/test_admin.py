@@ -481,7 +481,7 @@ def test_init_db_creates_the_schema_and_can_run_again(pg_dsn: str) -> None:
     first = invoke(pg_dsn, "init-db")
     second = invoke(pg_dsn, "init-db")
 
-    assert first.exit_code == 0 and "applied migrations [1, 2, 3, 4, 5, 6]" in first.stdout
+    assert first.exit_code == 0 and "applied migrations [1, 2, 3, 4, 5, 6, 7]" in first.stdout
     assert second.exit_code == 0 and "already up to date" in second.stdout
     assert query(pg_dsn, "SELECT to_regclass('api_keys') IS NOT NULL")[0][0] is True
 
