@@ -276,6 +276,7 @@ async def m007_token_limits(conn: asyncpg.Connection) -> None:
             kept_stamps double precision[];
             kept_counts bigint[];
             month_start date;
+            n integer;
             now_s double precision := extract(epoch FROM clock_timestamp());
         BEGIN
             PERFORM set_config('synchronous_commit', 'off', true);
@@ -291,8 +292,16 @@ async def m007_token_limits(conn: asyncpg.Connection) -> None:
                 FROM token_windows AS w, unnest(w.stamps, w.counts) AS t(s, c)
                 WHERE w.username = p_users[i] AND t.s > now_s - p_window;
                 IF p_tokens[i] > 0 THEN
-                    kept_stamps := kept_stamps || now_s;
-                    kept_counts := kept_counts || p_tokens[i];
+                    -- Charges within one tenth of a second share an entry, stamped with
+                    -- the latest: at most 600 entries a minute, however busy the user.
+                    n := cardinality(kept_stamps);
+                    IF n > 0 AND floor(kept_stamps[n] * 10) = floor(now_s * 10) THEN
+                        kept_stamps[n] := now_s;
+                        kept_counts[n] := kept_counts[n] + p_tokens[i];
+                    ELSE
+                        kept_stamps := kept_stamps || now_s;
+                        kept_counts := kept_counts || p_tokens[i];
+                    END IF;
                     INSERT INTO token_days AS d (username, day, tokens)
                         VALUES (p_users[i], p_days[i], p_tokens[i])
                         ON CONFLICT (username, day)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 MINUTE = 60.0
+BUCKET_SECONDS = 0.1  # charges this close together share one entry of the minute window
 TOKENS_EXCEEDED = "tokens_exceeded"
 QUOTA_EXCEEDED = "quota_exceeded"
 
@@ -34,9 +35,12 @@ class TokenLimits:
 
 def pick_limits(own: tuple[int | None, ...], defaults: tuple[int, ...]) -> TokenLimits:
     """The user's own values where set (0 unlimited), else the gateway's defaults."""
-    pairs = zip(own, defaults, strict=True)
-    values = [mine if mine is not None else fallback for mine, fallback in pairs]
-    return TokenLimits(*values)
+    per_minute, daily, monthly = own
+    return TokenLimits(
+        defaults[0] if per_minute is None else per_minute,
+        defaults[1] if daily is None else daily,
+        defaults[2] if monthly is None else monthly,
+    )
 
 
 def day_of(now: float) -> date:
@@ -68,6 +72,10 @@ def format_reset(seconds: float) -> str:
     return f"{secs}s"
 
 
+def _midnight(day: date) -> float:
+    return datetime.combine(day, datetime.min.time(), UTC).timestamp()
+
+
 @dataclass
 class TokenView:
     """One user's use as this gateway knows it: the database's answer plus its own charges."""
@@ -75,32 +83,61 @@ class TokenView:
     day: date
     day_used: int = 0
     month_used: int = 0
-    # [stamp, tokens] of the charges inside the minute window, oldest first.
+    # [stamp, tokens] of the charges inside the minute window, oldest first; charges
+    # within one BUCKET_SECONDS share an entry stamped with the latest of them.
     charges: deque[list[float]] = field(default_factory=deque)
+    minute_total: int = 0  # the sum of charges' tokens, kept so that no check sums them
     synced_at: float | None = None  # when the database last answered for this user
     has_charged: bool = False
+    day_ends: float = field(init=False)  # epoch seconds: the next midnight...
+    month_ends: float = field(init=False)  # ...and the next first of the month, UTC
 
-    def roll(self, today: date) -> None:
+    def __post_init__(self) -> None:
+        self._set_ends()
+
+    def _set_ends(self) -> None:
+        noon = _midnight(self.day) + 43_200
+        self.day_ends, self.month_ends = next_day(noon), next_month(noon)
+
+    def roll(self, now: float) -> None:
         """A new UTC day (or month) starts from nothing."""
-        if today == self.day:
-            return
-        if (today.year, today.month) != (self.day.year, self.day.month):
+        if now < self.day_ends:
+            return  # the same day (or a clock stepped back: go on counting)
+        today = day_of(now)
+        if now >= self.month_ends:
             self.month_used = 0
         self.day, self.day_used = today, 0
+        self._set_ends()
 
     def add(self, now: float, tokens: int) -> None:
-        self.roll(day_of(now))
-        self.charges.append([now, tokens])
+        self.roll(now)
         self.day_used += tokens
         self.month_used += tokens
+        self.add_to_minute(now, tokens)
+
+    def add_to_minute(self, stamp: float, tokens: int) -> None:
+        """One charge in the minute window. Merged into the newest entry within its bucket,
+        and stamped later (never earlier), so a busy user's window holds at most
+        MINUTE / BUCKET_SECONDS entries and a charge only ever counts a little longer."""
+        last = self.charges[-1] if self.charges else None
+        if last is not None and _bucket(last[0]) == _bucket(stamp):
+            last[0] = max(last[0], stamp)
+            last[1] += tokens
+        else:
+            self.charges.append([stamp, tokens])
+        self.minute_total += tokens
 
     def minute_used(self, now: float) -> int:
         while self.charges and self.charges[0][0] <= now - MINUTE:
-            self.charges.popleft()
-        return int(sum(tokens for _, tokens in self.charges))
+            self.minute_total -= int(self.charges.popleft()[1])
+        return self.minute_total
 
 
-@dataclass(frozen=True)
+def _bucket(stamp: float) -> int:
+    return int(stamp / BUCKET_SECONDS)
+
+
+@dataclass(slots=True)
 class Budget:
     """One budget's state now: what the headers and /v1/me show, and the wait when spent."""
 
@@ -125,7 +162,7 @@ class Budget:
 
 def budgets(view: TokenView, limits: TokenLimits, now: float) -> list[Budget]:
     """The budgets that apply to the user, each with its use and its waits."""
-    view.roll(day_of(now))
+    view.roll(now)
     found = []
     if limits.per_minute:
         used = view.minute_used(now)
@@ -140,8 +177,8 @@ def budgets(view: TokenView, limits: TokenLimits, now: float) -> list[Budget]:
             )
         )
     for name, limit, used, ends in (
-        ("daily token quota", limits.daily, view.day_used, next_day(now)),
-        ("monthly token quota", limits.monthly, view.month_used, next_month(now)),
+        ("daily token quota", limits.daily, view.day_used, view.day_ends),
+        ("monthly token quota", limits.monthly, view.month_used, view.month_ends),
     ):
         if limit:
             wait = ends - now if used else 0.0

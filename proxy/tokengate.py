@@ -3,7 +3,8 @@ and the X-RateLimit-*-Tokens headers. The logic lives in proxy/tokenlimit.py."""
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import contextlib
 from datetime import UTC, datetime
 
 from aiohttp import web
@@ -15,14 +16,11 @@ from proxy.requestlog import RequestRecord
 from proxy.tokenbudget import (
     MINUTE,
     TokenLimits,
-    day_of,
     format_reset,
-    next_day,
-    next_month,
     pick_limits,
 )
 
-log = logging.getLogger(__name__)
+CHARGE_WAIT_SECONDS = 1.0
 
 # The routes whose answers cost tokens; tokenize and /v1/models are never refused.
 TOKEN_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
@@ -74,7 +72,10 @@ async def charge_tokens(request: web.Request, record: RequestRecord) -> None:
     request[appkeys.TOKENS_CHARGED] = True
     written = limiter.charge(record.username, tokens_of(record))
     if written is not None:
-        await written
+        # A stalled database must not hold the answer for its whole command timeout:
+        # past this, the charge is written when it can be, and the answer goes.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(written), CHARGE_WAIT_SECONDS)
     limits = request.get(appkeys.TOKEN_LIMITS)
     if limits is not None:
         decision = limiter.snapshot(record.username, limits)
@@ -102,14 +103,14 @@ async def token_figures(app: web.Application, identity: Identity) -> dict[str, d
     limiter = app[appkeys.TOKEN_LIMITER]
     view = await limiter.read(identity.username)
     now = limiter.clock()
-    view.roll(day_of(now))
+    view.roll(now)
     minute_used = view.minute_used(now)
     minute_reset = view.charges[-1][0] + MINUTE - now if view.charges else 0.0
     return {
         "per_minute": _figure(limits.per_minute, minute_used)
         | {"resets_in": format_reset(minute_reset)},
-        "daily": _figure(limits.daily, view.day_used) | {"resets_at": _iso(next_day(now))},
-        "monthly": _figure(limits.monthly, view.month_used) | {"resets_at": _iso(next_month(now))},
+        "daily": _figure(limits.daily, view.day_used) | {"resets_at": _iso(view.day_ends)},
+        "monthly": _figure(limits.monthly, view.month_used) | {"resets_at": _iso(view.month_ends)},
     }
 
 

@@ -27,10 +27,10 @@ import time
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import date
+from datetime import UTC, date, datetime
 
 from proxy import store, tokenstore
-from proxy.tokenbudget import TokenDecision, TokenLimits, TokenView, day_of, decide
+from proxy.tokenbudget import TokenDecision, TokenLimits, TokenView, day_of, decide, next_day
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class TokenLimiter:
         self.is_listening = False
         self.is_database_down = False
         self.retry_at = 0.0
+        self._day, self._day_starts, self._day_ends = day_of(0), 0.0, 0.0
 
     async def admit(self, user: str, limits: TokenLimits) -> TokenDecision | None:
         """Whether the user may send one more request; None when no token limit applies."""
@@ -90,7 +91,7 @@ class TokenLimiter:
         if tokens <= 0:
             return None
         now = self.clock()
-        self.charges[(user, day_of(now))] += tokens
+        self.charges[(user, self._today(now))] += tokens
         view = self.views.get(user)
         if view is None:
             return None  # no token limit applies: counted for the quotas, in the background
@@ -126,6 +127,14 @@ class TokenLimiter:
         self.waiters.append(future)
         self.wakeup.set()
         return future
+
+    def _today(self, now: float) -> date:
+        """The UTC day, worked out again only once it has ended (it is on every charge)."""
+        if not self._day_starts <= now < self._day_ends:
+            self._day = day_of(now)
+            self._day_starts = datetime.combine(self._day, datetime.min.time(), UTC).timestamp()
+            self._day_ends = next_day(now)
+        return self._day
 
     def _is_shared(self, user: str) -> bool:
         seen = self.foreign_at.get(user)
@@ -199,7 +208,7 @@ class TokenLimiter:
         view.has_charged = old is not None and old.has_charged
         offset = now - usage.now  # the database's clock to ours
         for stamp, tokens in zip(usage.stamps, usage.counts, strict=True):
-            view.charges.append([stamp + offset, tokens])
+            view.add_to_minute(stamp + offset, tokens)
         unsent = self.charges.get((usage.username, usage.day), 0)
         if unsent:
             view.add(now, unsent)

@@ -182,3 +182,33 @@ async def test_me_shows_each_token_budget_its_use_and_its_reset(start_gateway, d
         "remaining": None,
         "resets_at": "2026-12-01T00:00:00Z",
     }
+
+
+@pytest.mark.asyncio
+async def test_a_stalled_charge_holds_an_answer_only_briefly(gateway, db, monkeypatch):
+    monkeypatch.setattr("proxy.tokengate.CHARGE_WAIT_SECONDS", 0.05)
+    key = await limited_user(db, tokens_per_minute=1000)
+    assert (await post_chat(gateway, key)).status == 200
+    gateway.app[appkeys.TOKEN_LIMITER].note_foreign_charge("another-gateway alice")
+    async with db.acquire() as holder, holder.transaction():
+        # The next charge waits for this row lock (up to the 5 s command timeout).
+        await holder.execute("SELECT 1 FROM token_days WHERE username = 'alice' FOR UPDATE")
+        answer = await asyncio.wait_for(post_chat(gateway, key), 3)
+        assert answer.status == 200
+    await wait_until(
+        lambda: db.fetchval("SELECT tokens = 24 FROM token_days WHERE username = 'alice'"),
+        "the stalled charge to be written once the lock is gone",
+    )
+
+
+@pytest.mark.asyncio
+async def test_the_database_merges_charges_of_the_same_instant(db):
+    from datetime import date
+
+    from proxy import tokenstore
+
+    answers = await tokenstore.charge_tokens(
+        db, ["alice"] * 30, [5] * 30, [date(2026, 11, 30)] * 30, MINUTE, "gateway"
+    )
+    assert answers[-1].counts == (150,) and len(answers[-1].stamps) == 1
+    assert answers[-1].day_used == answers[-1].month_used == 150

@@ -100,3 +100,17 @@ def test_the_headers_describe_the_budget_with_the_least_left_or_the_last_to_come
 
 def test_december_rolls_over_into_the_next_year():
     assert next_month(at("2026-12-31T23:00:00")) == at("2027-01-01T00:00:00")
+
+
+def test_a_busy_minute_keeps_few_entries_and_the_exact_sum():
+    start = at("2026-11-30T12:00:00")
+    view = TokenView(day_of(start))
+    for index in range(10_000):  # 10,000 charges in one second
+        view.add(start + index / 10_000, 3)
+    assert len(view.charges) <= 11
+    assert view.minute_used(start + 1) == 30_000
+    # Merged charges are stamped later, never earlier: each counts a full minute, and at
+    # most one bucket (0.1 s) longer.
+    assert view.minute_used(start + 60.0) == 30_000
+    assert 0 < view.minute_used(start + 60.5) < 30_000
+    assert view.minute_used(start + 61.0 + 0.1) == 0
