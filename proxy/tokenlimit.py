@@ -35,6 +35,7 @@ from proxy.tokenbudget import TokenDecision, TokenLimits, TokenView, day_of, dec
 log = logging.getLogger(__name__)
 
 MAX_VIEWS = 100_000  # past this, views not refreshed lately are forgotten
+CLOSE_SECONDS = 2.0  # the last flush at shutdown
 
 # (users, tokens, days, window seconds, gateway id) -> each user's usage
 SyncTokens = Callable[
@@ -228,9 +229,10 @@ class TokenLimiter:
         self.is_database_down = is_down
 
     async def close(self) -> None:
-        """Write what is still unsent, if the database takes it."""
-        with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
-            await self.flush()
+        """Write what is still unsent, if the database takes it soon: a stalled one must
+        not hold up the shutdown."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flush(), CLOSE_SECONDS)
         if self.charges:
             log.warning("token limits: %d charges not written at shutdown", len(self.charges))
 

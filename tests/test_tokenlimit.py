@@ -147,3 +147,17 @@ async def test_without_the_database_a_gateway_counts_alone_and_writes_its_charge
     await limiter.flush()
     assert database.days and sum(database.days.values()) == 120
     assert not limiter.is_database_down
+
+
+@pytest.mark.asyncio
+async def test_shutdown_does_not_wait_for_a_stalled_database(clock, monkeypatch):
+    monkeypatch.setattr("proxy.tokenlimit.CLOSE_SECONDS", 0.05)
+    never = asyncio.Event()
+
+    async def stalled(*_batch):
+        await never.wait()
+
+    limiter = TokenLimiter(stalled, clock=clock)
+    limiter.charge("alice", 10)
+    await asyncio.wait_for(limiter.close(), 3)
+    assert sum(limiter.charges.values()) == 10  # kept, not lost silently: logged at close
