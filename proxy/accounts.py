@@ -66,6 +66,10 @@ class UserRow:
     created_at: datetime
     active_keys: int
     concurrency_limit: int | None  # None: the gateway's default; 0: no cap
+    # Token limits: None follows the gateway's default, 0 is unlimited (proxy/tokenaccounts.py).
+    tokens_per_minute: int | None = None
+    daily_token_quota: int | None = None
+    monthly_token_quota: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,8 @@ _USER_COLUMNS = """
     (SELECT count(*) FROM api_keys AS k
      WHERE k.user_id = u.id AND k.revoked_at IS NULL
        AND (k.expires_at IS NULL OR k.expires_at > now())) AS active_keys,
-    u.concurrency_limit
+    u.concurrency_limit,
+    u.tokens_per_minute, u.daily_token_quota, u.monthly_token_quota
 """
 
 
@@ -245,8 +250,10 @@ async def delete_user(conn: asyncpg.Connection, username: str) -> None:
         )
         if deleted is None:
             raise unknown_user(username)
-        # So that a new user of the same name starts with an empty rate window.
+        # So that a new user of the same name starts with empty windows and quotas.
         await conn.execute("DELETE FROM rate_windows WHERE username = $1", username)
+        await conn.execute("DELETE FROM token_windows WHERE username = $1", username)
+        await conn.execute("DELETE FROM token_days WHERE username = $1", username)
 
 
 async def add_key(

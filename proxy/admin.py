@@ -44,6 +44,14 @@ from proxy.adminsupport import (
 )
 from proxy.clierrors import EXIT_BAD_INPUT, CliError
 from proxy.migrations import migrate, schema_version
+from proxy.tokenaccounts import (
+    DAILY_QUOTA,
+    MONTHLY_QUOTA,
+    TOKENS_PER_MINUTE,
+    describe_tokens,
+    parse_token_value,
+    set_token_limits,
+)
 
 
 @click.group(cls=AdminGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -188,6 +196,9 @@ def show_user(env: AdminEnv, username: str, as_json: bool) -> None:
     click.echo(f"status:      {status(user)}")
     click.echo(f"rate limit:  {describe_limit(user.rate_limit)}")
     click.echo(f"concurrency: {describe_concurrency(user.concurrency_limit)}")
+    click.echo(f"tokens/min:  {describe_tokens(user.tokens_per_minute)}")
+    click.echo(f"daily quota: {describe_tokens(user.daily_token_quota)}")
+    click.echo(f"month quota: {describe_tokens(user.monthly_token_quota)}")
     click.echo(f"created:     {when(user.created_at)}")
     click.echo(f"requests:    {detail.request_count} (last: {when(detail.last_request_at)})")
     click.echo("keys:")
@@ -360,39 +371,55 @@ def rotate_key(
     metavar="N",
     help="Requests at the backend at once: N, 0 for no cap, or 'default'.",
 )
+@click.option("--tpm", metavar="N", help="Tokens per minute: N, 'none' (unlimited) or 'default'.")
 @pass_env
 def set_limit(
-    env: AdminEnv, values: tuple[str, ...], option_name: str | None, concurrency: str | None
+    env: AdminEnv,
+    values: tuple[str, ...],
+    option_name: str | None,
+    concurrency: str | None,
+    tpm: str | None,
 ) -> None:
-    """Set a user's limits: LIMIT requests per window, and/or --concurrency N at once.
+    """Set a user's limits: LIMIT requests per window, --tpm tokens per minute, and/or
+    --concurrency requests at once.
 
     LIMIT is per LLAMA_PROXY_RATE_WINDOW_SECONDS, 'default' for LLAMA_PROXY_RATE_LIMIT.
-    --concurrency caps the user's requests at the backend at once, on each gateway; the
-    rest wait their turn in the queue. 0 is no cap, 'default' LLAMA_PROXY_USER_CONCURRENCY.
+    --tpm counts prompt plus completion tokens per minute: 'none' is unlimited, 'default'
+    LLAMA_PROXY_TOKENS_PER_MINUTE. --concurrency caps the user's requests at the backend at
+    once, on each gateway; the rest wait their turn in the queue. 0 is no cap, 'default'
+    LLAMA_PROXY_USER_CONCURRENCY. All that is given changes together, or nothing does.
 
     \b
     Example:
         bin/user_management_cli.sh set-limit --username alice 600
         bin/user_management_cli.sh set-limit --username alice default
         bin/user_management_cli.sh set-limit alice --concurrency 1
+        bin/user_management_cli.sh set-limit alice --tpm 20000
+        bin/user_management_cli.sh set-limit alice --tpm none
     """
-    name, limit_text = split_limit_arguments(values, option_name, concurrency is not None)
+    has_option = concurrency is not None or tpm is not None
+    name, limit_text = split_limit_arguments(values, option_name, has_option)
     username = pick_username(name, option_name)
     rate_limit = parse_limit(limit_text) if limit_text is not None else None
     concurrency_limit = parse_concurrency(concurrency) if concurrency is not None else None
+    tokens = {} if tpm is None else {TOKENS_PER_MINUTE: parse_token_value(TOKENS_PER_MINUTE, tpm)}
 
     async def apply(conn: asyncpg.Connection) -> None:
-        async with conn.transaction():  # both or neither
+        async with conn.transaction():  # all or nothing
             if limit_text is not None:
                 await accounts.set_limit(conn, username, rate_limit)
             if concurrency is not None:
                 await accounts.set_concurrency_limit(conn, username, concurrency_limit)
+            if tokens:
+                await set_token_limits(conn, username, tokens)
 
     run(env, apply)
     if limit_text is not None:
         click.echo(f"rate limit of {username!r}: {describe_limit(rate_limit)}")
     if concurrency is not None:
         click.echo(f"concurrency of {username!r}: {describe_concurrency(concurrency_limit)}")
+    for setting, value in tokens.items():
+        click.echo(f"{setting.label} of {username!r}: {describe_tokens(value)}")
 
 
 def split_limit_arguments(
@@ -404,7 +431,7 @@ def split_limit_arguments(
     if len(rest) > 1 or not (rest or is_limit_optional):
         raise CliError(
             "give the user and the limit: set-limit --username NAME LIMIT, "
-            "or set-limit NAME --concurrency N",
+            "or set-limit NAME --tpm N, or set-limit NAME --concurrency N",
             EXIT_BAD_INPUT,
         )
     return name, rest[0] if rest else None
@@ -433,6 +460,32 @@ def parse_concurrency(text: str) -> int | None:
             f"or 'default'",
             EXIT_BAD_INPUT,
         ) from None
+
+
+@cli.command("set-quota")
+@user_argument
+@click.option("--daily", metavar="N", help="Tokens per UTC day: N, 'none' or 'default'.")
+@click.option("--monthly", metavar="N", help="Tokens per UTC month: N, 'none' or 'default'.")
+@pass_env
+def set_quota(env: AdminEnv, username: str, daily: str | None, monthly: str | None) -> None:
+    """Set a user's token quotas: prompt plus completion tokens per UTC day and per month.
+
+    Each takes a number, 'none' (unlimited, whatever the gateway's default) or 'default'
+    (LLAMA_PROXY_DAILY_TOKEN_QUOTA, LLAMA_PROXY_MONTHLY_TOKEN_QUOTA). A quota resets at
+    00:00 UTC, on the first of the month for the monthly one.
+
+    \b
+    Example:
+        bin/user_management_cli.sh set-quota alice --daily 200000 --monthly 3000000
+        bin/user_management_cli.sh set-quota alice --daily default
+    """
+    given = ((DAILY_QUOTA, daily), (MONTHLY_QUOTA, monthly))
+    quotas = {setting: parse_token_value(setting, text) for setting, text in given if text}
+    if not quotas:
+        raise CliError("give --daily N, --monthly N or both", EXIT_BAD_INPUT)
+    run(env, functools.partial(set_token_limits, username=username, values=quotas))
+    for setting, value in quotas.items():
+        click.echo(f"{setting.label} of {username!r}: {describe_tokens(value)}")
 
 
 @cli.command()

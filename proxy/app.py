@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy import appkeys, handlers, store
+from proxy import appkeys, handlers, store, tokenstore
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
 from proxy.chattemplate import ChatTemplate, TemplateError, read_chat_template
@@ -36,6 +36,8 @@ from proxy.recheck import note_response
 from proxy.requestlog import RequestLog
 from proxy.revocation import RevocationWatch
 from proxy.spool import Spool
+from proxy.tokenlimit import TokenLimiter
+from proxy.tokenwatch import listen_for_charges
 from proxy.usercache import UserFiguresCache
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,9 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.INFLIGHT] = InFlightRequests()
     app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
     app[appkeys.READINESS] = ReadinessCache(lambda: handlers.check_readiness(app))
-    app.cleanup_ctx.extend([database, request_log, auth, rate_limiter, backend_session])
+    app.cleanup_ctx.extend(
+        [database, request_log, auth, rate_limiter, token_limiter, backend_session]
+    )
     app.on_response_prepare.append(handlers.add_gateway_headers)
     app.on_response_prepare.append(note_response)
     add_routes(app)
@@ -132,6 +136,23 @@ async def rate_limiter(app: web.Application) -> AsyncIterator[None]:
     app[appkeys.LIMITER] = limiter
     yield
     # Before the pool closes: a round trip still in flight would hold a connection.
+    await limiter.close()
+
+
+async def token_limiter(app: web.Application) -> AsyncIterator[None]:
+    pool, config = app[appkeys.POOL], app[appkeys.CONFIG]
+    limiter = TokenLimiter(lambda *batch: tokenstore.charge_tokens(pool, *batch))
+    app[appkeys.TOKEN_LIMITER] = limiter
+    tasks = [
+        asyncio.create_task(limiter.run()),
+        asyncio.create_task(listen_for_charges(config.dsn, limiter)),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    # Before the pool closes: the charges not yet written.
     await limiter.close()
 
 

@@ -17,6 +17,8 @@ from proxy.ratelimit import Decision, SharedLimiter
 from proxy.readiness import ReadinessCache
 from proxy.requestlog import RequestLog, RequestRecord
 from proxy.store import TimedPool
+from proxy.tokenbudget import TokenDecision, TokenLimits
+from proxy.tokenlimit import TokenLimiter
 from proxy.usercache import UserFiguresCache
 
 CONFIG = web.AppKey("config", ProxyConfig)
@@ -34,9 +36,13 @@ INFLIGHT = web.AppKey("inflight", InFlightRequests)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 READINESS = web.AppKey("readiness", ReadinessCache)
 ME_CACHE = web.AppKey("me_cache", UserFiguresCache)
+TOKEN_LIMITER = web.AppKey("token_limiter", TokenLimiter)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)
 INFLIGHT_ENTRY = web.RequestKey("inflight_entry", InFlight)
+TOKEN_LIMITS = web.RequestKey("token_limits", TokenLimits)
+TOKEN_DECISION = web.RequestKey("token_decision", TokenDecision)
+TOKENS_CHARGED = web.RequestKey("tokens_charged", bool)
 # The auth cache's generation when the request was authenticated (see proxy/recheck.py).
 AUTH_GENERATION = web.RequestKey("auth_generation", int)

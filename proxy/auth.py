@@ -54,6 +54,8 @@ class Identity:
     rate_limit: int | None
     digest: bytes = field(default=b"", repr=False)  # to re-check the key later, cheaply
     concurrency_limit: int | None = None  # None: the gateway's default; 0: no cap
+    # The user's own token limits (None: the gateway's default); see proxy/tokenbudget.py.
+    token_limits: tuple[int | None, int | None, int | None] = (None, None, None)
 
 
 def extract_key(headers: Mapping[str, str]) -> str:
@@ -152,8 +154,14 @@ def judge(record: store.KeyRecord | None, now: datetime, digest: bytes = b"") ->
     if refused is not None:
         raise unauthorized(refused[1])
     assert record is not None
+    own_tokens = (record.tokens_per_minute, record.daily_token_quota, record.monthly_token_quota)
     return Identity(
-        record.username, record.key_id, record.rate_limit, digest, record.concurrency_limit
+        record.username,
+        record.key_id,
+        record.rate_limit,
+        digest,
+        concurrency_limit=record.concurrency_limit,
+        token_limits=own_tokens,
     )
 
 

@@ -236,6 +236,26 @@ class GatewayKeys:
         parse_positive_float,
         "the sliding window of the rate limit, in seconds",
     )
+    tokens_per_minute: int = setting(
+        "LLAMA_PROXY_TOKENS_PER_MINUTE",
+        "0",
+        parse_non_negative_int,
+        "prompt plus completion tokens each user may use in any 60 seconds (0: unlimited; "
+        "set-limit NAME --tpm N overrides it per user)",
+    )
+    daily_token_quota: int = setting(
+        "LLAMA_PROXY_DAILY_TOKEN_QUOTA",
+        "0",
+        parse_non_negative_int,
+        "tokens each user may use per UTC day (0: unlimited; set-quota overrides it per user)",
+    )
+    monthly_token_quota: int = setting(
+        "LLAMA_PROXY_MONTHLY_TOKEN_QUOTA",
+        "0",
+        parse_non_negative_int,
+        "tokens each user may use per UTC calendar month (0: unlimited; set-quota overrides "
+        "it per user)",
+    )
     max_body_bytes: int = setting(
         "LLAMA_PROXY_MAX_BODY_BYTES",
         "1048576",

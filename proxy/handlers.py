@@ -25,6 +25,12 @@ from proxy.queue import QueueFull, QueueRejected
 from proxy.recheck import end_in_flight, recheck_at_grant
 from proxy.requestbody import GENERATION_ROUTES, rewrite_body
 from proxy.requestlog import RequestRecord
+from proxy.tokengate import (
+    add_token_headers,
+    charge_tokens,
+    charge_tokens_nowait,
+    enforce_token_limits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,8 @@ async def observe_request(request: web.Request, handler) -> web.StreamResponse:
     request[appkeys.RECORD] = record
     try:
         response = await handler(request)
+        # Before a whole answer leaves, so that the next request anywhere sees the charge.
+        await charge_tokens(request, record)
     except GatewayError as error:
         response = _error(record, error)
     except web.HTTPException as error:
@@ -59,6 +67,7 @@ async def observe_request(request: web.Request, handler) -> web.StreamResponse:
     except asyncio.CancelledError:
         record.status_code = CLIENT_GONE
         record.error = record.error or "client disconnected"
+        charge_tokens_nowait(request, record)
         _finish(request, record)
         raise
     except Exception:
@@ -115,6 +124,7 @@ async def add_gateway_headers(request: web.Request, response: web.StreamResponse
     decision = request.get(appkeys.DECISION)
     if decision is not None:
         response.headers.update(decision.headers)
+    add_token_headers(request, response)
 
 
 async def authenticate(request: web.Request) -> Identity:
@@ -219,6 +229,7 @@ async def forward_json(request: web.Request) -> web.StreamResponse:
     """POST routes: auth, rate limit, body checks, then the fair queue and the backend."""
     identity = await authenticate(request)
     await enforce_rate_limit(request, identity)
+    await enforce_token_limits(request, identity)
     body = await read_json_body(request)
     response = await forward_in_turn(request, identity, body)
     if request.path == EMBEDDINGS_ROUTE:

@@ -10,13 +10,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy import appkeys, store
+from proxy.auth import Identity
 from proxy.errors import unavailable
 from proxy.handlers import authenticate, concurrency_cap
+from proxy.tokengate import token_figures
 from proxy.usercache import UserFigures
 
 
-async def read_figures(app: web.Application, username: str) -> UserFigures:
+async def read_figures(app: web.Application, identity: Identity) -> UserFigures:
     """The user's figures, from the cache or else the database (503 if it is down)."""
+    username = identity.username
     cache = app[appkeys.ME_CACHE]
     figures = cache.get(username)
     if figures is not None:
@@ -27,7 +30,7 @@ async def read_figures(app: web.Application, username: str) -> UserFigures:
         usage = await store.user_usage(pool, username, hours=24)
     except store.UNAVAILABLE_ERRORS:
         raise unavailable("the database is unreachable; try again shortly", 5, "db_down") from None
-    figures = UserFigures(used, usage)
+    figures = UserFigures(used, usage, await token_figures(app, identity))
     cache.put(username, figures)
     return figures
 
@@ -37,7 +40,7 @@ async def me(request: web.Request) -> web.Response:
     identity = await authenticate(request)
     config = request.app[appkeys.CONFIG]
     limit = identity.rate_limit or config.rate_limit
-    figures = await read_figures(request.app, identity.username)
+    figures = await read_figures(request.app, identity)
     return web.json_response(
         {
             "username": identity.username,
@@ -50,5 +53,6 @@ async def me(request: web.Request) -> web.Response:
             # Requests at the backend at once, on each gateway; null: no cap.
             "concurrency": {"limit": concurrency_cap(identity, config.user_concurrency) or None},
             "usage_last_24h": figures.usage_last_24h,
+            "tokens": figures.tokens,
         }
     )

@@ -14,6 +14,7 @@ import asyncpg
 # Any fixed number; it only has to be the same in every process that migrates.
 MIGRATION_LOCK_ID = 7_415_521_001
 AUTH_CHANNEL = "llamagate_auth"
+TOKEN_CHANNEL = "llamagate_tokens"
 
 
 async def m001_users_keys_requests(conn: asyncpg.Connection) -> None:
@@ -235,6 +236,99 @@ async def m006_request_repeat_count(conn: asyncpg.Connection) -> None:
     )
 
 
+async def m007_token_limits(conn: asyncpg.Connection) -> None:
+    # Token limits and quotas (proxy/tokenlimit.py). Per user: NULL takes the gateway's
+    # default, 0 is unlimited. token_windows holds each user's charges of the last minute
+    # as stamps with token counts (as rate_windows holds admissions); token_days the
+    # tokens charged per UTC day, the day chosen by the gateway's clock, so that a
+    # month's use is the sum of its days. Every charge notifies TOKEN_CHANNEL with the
+    # charging gateway's id, so that other gateways know the user is shared and ask the
+    # database before admitting them (see proxy/tokenlimit.py). As m004, a crash may lose
+    # the last charges, never a request row: no wait for the WAL flush.
+    await conn.execute(
+        f"""
+        ALTER TABLE users
+            ADD COLUMN IF NOT EXISTS tokens_per_minute integer CHECK (tokens_per_minute >= 0),
+            ADD COLUMN IF NOT EXISTS daily_token_quota bigint CHECK (daily_token_quota >= 0),
+            ADD COLUMN IF NOT EXISTS monthly_token_quota bigint
+                CHECK (monthly_token_quota >= 0);
+        CREATE TABLE IF NOT EXISTS token_windows (
+            username text PRIMARY KEY,
+            stamps double precision[] NOT NULL DEFAULT '{{}}',
+            counts bigint[] NOT NULL DEFAULT '{{}}'
+        );
+        CREATE TABLE IF NOT EXISTS token_days (
+            username text NOT NULL,
+            day date NOT NULL,
+            tokens bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (username, day)
+        );
+        CREATE OR REPLACE FUNCTION llamagate_charge_tokens(
+            p_users text[], p_tokens bigint[], p_days date[], p_window double precision,
+            p_gateway text
+        ) RETURNS TABLE (
+            username text, day date, stamps double precision[], counts bigint[],
+            day_used bigint, month_used bigint, now_epoch double precision
+        ) LANGUAGE plpgsql AS $$
+        #variable_conflict use_column
+        DECLARE
+            i integer;
+            kept_stamps double precision[];
+            kept_counts bigint[];
+            month_start date;
+            n integer;
+            now_s double precision := extract(epoch FROM clock_timestamp());
+        BEGIN
+            PERFORM set_config('synchronous_commit', 'off', true);
+            -- Sorted, so that two gateways lock rows in the same order: no deadlock.
+            FOR i IN SELECT ord FROM unnest(p_users) WITH ORDINALITY AS u(name, ord)
+                     ORDER BY name, ord LOOP
+                INSERT INTO token_windows AS w (username) VALUES (p_users[i])
+                    ON CONFLICT (username) DO NOTHING;
+                PERFORM 1 FROM token_windows AS w WHERE w.username = p_users[i] FOR UPDATE;
+                SELECT coalesce(array_agg(t.s ORDER BY t.s), '{{}}'),
+                       coalesce(array_agg(t.c ORDER BY t.s), '{{}}')
+                INTO kept_stamps, kept_counts
+                FROM token_windows AS w, unnest(w.stamps, w.counts) AS t(s, c)
+                WHERE w.username = p_users[i] AND t.s > now_s - p_window;
+                IF p_tokens[i] > 0 THEN
+                    -- Charges within one tenth of a second share an entry, stamped with
+                    -- the latest: at most 600 entries a minute, however busy the user.
+                    n := cardinality(kept_stamps);
+                    IF n > 0 AND floor(kept_stamps[n] * 10) = floor(now_s * 10) THEN
+                        kept_stamps[n] := now_s;
+                        kept_counts[n] := kept_counts[n] + p_tokens[i];
+                    ELSE
+                        kept_stamps := kept_stamps || now_s;
+                        kept_counts := kept_counts || p_tokens[i];
+                    END IF;
+                    INSERT INTO token_days AS d (username, day, tokens)
+                        VALUES (p_users[i], p_days[i], p_tokens[i])
+                        ON CONFLICT (username, day)
+                        DO UPDATE SET tokens = d.tokens + excluded.tokens;
+                    PERFORM pg_notify('{TOKEN_CHANNEL}', p_gateway || ' ' || p_users[i]);
+                END IF;
+                UPDATE token_windows AS w SET stamps = kept_stamps, counts = kept_counts
+                    WHERE w.username = p_users[i];
+                month_start := date_trunc('month', p_days[i])::date;
+                username := p_users[i];
+                day := p_days[i];
+                stamps := kept_stamps;
+                counts := kept_counts;
+                SELECT coalesce(sum(d.tokens) FILTER (WHERE d.day = p_days[i]), 0),
+                       coalesce(sum(d.tokens), 0)
+                INTO day_used, month_used
+                FROM token_days AS d
+                WHERE d.username = p_users[i] AND d.day >= month_start
+                  AND d.day < (month_start + interval '1 month')::date;
+                now_epoch := now_s;
+                RETURN NEXT;
+            END LOOP;
+        END $$;
+        """
+    )
+
+
 async def m008_user_concurrency_limit(conn: asyncpg.Connection) -> None:
     # How many of a user's requests may be at the backend at once: NULL follows
     # LLAMA_PROXY_USER_CONCURRENCY, 0 is no cap. An UPDATE of users already notifies every
@@ -256,6 +350,7 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (4, m004_rate_slot_leases),
     (5, m005_notify_on_truncate),
     (6, m006_request_repeat_count),
+    (7, m007_token_limits),
     (8, m008_user_concurrency_limit),
 )
 

@@ -114,6 +114,10 @@ class KeyRecord:
     expires_at: datetime | None
     revoked_at: datetime | None
     concurrency_limit: int | None = None  # None: the gateway's default; 0: no cap
+    # Token limits (proxy/tokenbudget.py): None takes the gateway's default, 0 is unlimited.
+    tokens_per_minute: int | None = None
+    daily_token_quota: int | None = None
+    monthly_token_quota: int | None = None
 
 
 async def fetch_key(pool: asyncpg.Pool, digest: bytes) -> KeyRecord | None:
@@ -121,7 +125,8 @@ async def fetch_key(pool: asyncpg.Pool, digest: bytes) -> KeyRecord | None:
     row = await pool.fetchrow(
         """
         SELECT k.key_id, u.username, u.rate_limit, u.is_disabled, k.expires_at, k.revoked_at,
-               u.concurrency_limit
+               u.concurrency_limit,
+               u.tokens_per_minute, u.daily_token_quota, u.monthly_token_quota
         FROM api_keys AS k JOIN users AS u ON u.id = k.user_id
         WHERE k.digest = $1
         """,

@@ -20,6 +20,7 @@ class UserFigures:
 
     rate_slots_used: int
     usage_last_24h: dict[str, int]
+    tokens: dict[str, dict] | None = None  # each token budget (proxy/tokengate.py)
 
 
 class UserFiguresCache:
