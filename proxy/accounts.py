@@ -8,6 +8,7 @@ is written; each change that touches several rows runs in one transaction.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -330,42 +331,31 @@ async def rotate_key(
 
 async def set_limit(conn: asyncpg.Connection, username: str, rate_limit: int | None) -> None:
     """Set a user's own rate limit; None returns it to the gateway's default."""
-    validate_rate_limit(rate_limit)
-    updated = await conn.fetchval(
-        "UPDATE users SET rate_limit = $1 WHERE username = $2 RETURNING id",
-        rate_limit,
-        validate_username(username),
-    )
-    if updated is None:
-        raise unknown_user(username)
+    await update_user(conn, username, {"rate_limit": validate_rate_limit(rate_limit)})
 
 
 async def set_concurrency_limit(
     conn: asyncpg.Connection, username: str, concurrency_limit: int | None
 ) -> None:
     """Set a user's own cap on requests at the backend at once; None returns it to the default."""
-    validate_concurrency_limit(concurrency_limit)
+    await update_user(
+        conn, username, {"concurrency_limit": validate_concurrency_limit(concurrency_limit)}
+    )
+
+
+async def update_user(
+    conn: asyncpg.Connection, username: str, columns: Mapping[str, int | None]
+) -> None:
+    """Set some of a user's columns in one UPDATE; UnknownUser if there is no such user.
+
+    The column names come from this package's constants, never from the caller's text.
+    """
+    names = list(columns)
+    assignments = ", ".join(f"{name} = ${i + 2}" for i, name in enumerate(names))
     updated = await conn.fetchval(
-        "UPDATE users SET concurrency_limit = $1 WHERE username = $2 RETURNING id",
-        concurrency_limit,
+        f"UPDATE users SET {assignments} WHERE username = $1 RETURNING id",
         validate_username(username),
+        *(columns[name] for name in names),
     )
     if updated is None:
         raise unknown_user(username)
-
-
-async def count_older_requests(conn: asyncpg.Connection, older_than: timedelta) -> int:
-    """How many request-log rows prune would delete."""
-    return await conn.fetchval(
-        "SELECT count(*) FROM llama_requests WHERE created_at < now() - $1::interval", older_than
-    )
-
-
-async def prune(conn: asyncpg.Connection, older_than: timedelta) -> int:
-    """Delete request-log rows older than `older_than`; return how many."""
-    if older_than <= timedelta(0):
-        raise InvalidValue("prune needs a positive age, such as 90d")
-    status = await conn.execute(
-        "DELETE FROM llama_requests WHERE created_at < now() - $1::interval", older_than
-    )
-    return int(status.split()[-1])

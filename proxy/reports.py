@@ -1,5 +1,6 @@
 """Usage reports from the request log: requests, errors, tokens and latency, grouped by
-user, UTC day or model, over a span of time. Plain async functions of one connection.
+user, UTC day or model, over a span of time; and pruning old rows. Plain async functions
+of one connection.
 
 Each group is one SQL expression over llama_requests, chosen from a fixed table (never
 from the caller's text), so the query stays a single GROUP BY on the indexed created_at.
@@ -8,7 +9,7 @@ from the caller's text), so the query stays a single GROUP BY on the indexed cre
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -105,3 +106,20 @@ async def check_known_user(conn: asyncpg.Connection, username: str) -> None:
     )
     if not is_known:
         raise UnknownUser(f"no user named {username!r} and no requests from one; see list-users")
+
+
+async def count_older_requests(conn: asyncpg.Connection, older_than: timedelta) -> int:
+    """How many request-log rows prune would delete."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM llama_requests WHERE created_at < now() - $1::interval", older_than
+    )
+
+
+async def prune(conn: asyncpg.Connection, older_than: timedelta) -> int:
+    """Delete request-log rows older than `older_than`; return how many."""
+    if older_than <= timedelta(0):
+        raise InvalidValue("prune needs a positive age, such as 90d")
+    status = await conn.execute(
+        "DELETE FROM llama_requests WHERE created_at < now() - $1::interval", older_than
+    )
+    return int(status.split()[-1])

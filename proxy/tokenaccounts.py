@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from proxy.accounts import InvalidValue, unknown_user, validate_username
+from proxy.accounts import InvalidValue, update_user
 
 UNLIMITED_WORDS = frozenset({"none", "unlimited", "0"})
 
@@ -74,12 +74,4 @@ async def set_token_limits(
     conn: asyncpg.Connection, username: str, values: Mapping[TokenSetting, int | None]
 ) -> None:
     """Set some of a user's token columns at once; UnknownUser if there is no such user."""
-    settings = list(values)
-    assignments = ", ".join(f"{item.column} = ${i + 2}" for i, item in enumerate(settings))
-    updated = await conn.fetchval(
-        f"UPDATE users SET {assignments} WHERE username = $1 RETURNING id",
-        validate_username(username),
-        *(values[item] for item in settings),
-    )
-    if updated is None:
-        raise unknown_user(username)
+    await update_user(conn, username, {setting.column: value for setting, value in values.items()})

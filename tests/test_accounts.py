@@ -136,10 +136,10 @@ async def test_prune_counts_what_it_deletes_and_refuses_a_zero_age(
     await log_request(conn, "a", timedelta(days=3))
     await log_request(conn, "b", timedelta(hours=1))
 
-    assert await accounts.count_older_requests(conn, timedelta(days=1)) == 1
-    assert await accounts.prune(conn, timedelta(days=1)) == 1
+    assert await reports.count_older_requests(conn, timedelta(days=1)) == 1
+    assert await reports.prune(conn, timedelta(days=1)) == 1
     with pytest.raises(accounts.InvalidValue):
-        await accounts.prune(conn, timedelta(0))
+        await reports.prune(conn, timedelta(0))
     assert await conn.fetchval("SELECT count(*) FROM llama_requests") == 1
 
 
