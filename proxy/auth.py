@@ -15,7 +15,6 @@ and again costs one lookup, not one per request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -28,6 +27,7 @@ import asyncpg
 from proxy import store
 from proxy.errors import unauthorized, unavailable
 from proxy.keys import digest_key, is_plausible_key
+from proxy.listener import Subscription, listen_forever
 from proxy.migrations import AUTH_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ MAX_CACHED_UNKNOWN = 10_000
 CACHE_TTL_SECONDS = 300.0
 # A new key clears the cache by notification anyway; this only bounds a missed one.
 UNKNOWN_TTL_SECONDS = 30.0
-LISTENER_RETRY_SECONDS = 1.0
-# How often the listener probes its connection; a silent loss is noticed within twice this.
-PROBE_SECONDS = 2.0
 HOW_TO_SEND = "send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
 
@@ -241,54 +238,28 @@ async def listen_for_changes(
 ) -> None:
     """Forever: LISTEN for user and key changes, empty the cache and call on_change on each.
 
-    Nothing but cancellation ends this loop: whatever goes wrong, the listener logs it,
-    waits a moment and reconnects, because without it revocations would go unnoticed.
+    The connection is proxy/listener.py's: it reconnects whatever goes wrong, because
+    without it revocations would go unnoticed.
     """
-    has_warned = False
-    while True:
-        try:
-            conn = await store.connect(dsn)
-        except store.StoreError as error:
-            if not has_warned:  # once per outage, not once a second
-                log.warning("auth listener: %s; retrying every %ss", error, LISTENER_RETRY_SECONDS)
-                has_warned = True
-        except Exception:  # noqa: BLE001 - see the docstring
-            log.exception("auth listener: unexpected error while connecting; retrying")
-        else:
-            has_warned = False
-            try:
-                await _listen_until_lost(conn, cache, on_change)
-            except store.UNAVAILABLE_ERRORS as error:
-                log.warning("auth listener lost its connection (%s)", type(error).__name__)
-            except Exception:  # noqa: BLE001 - see the docstring
-                log.exception("auth listener: unexpected error; reconnecting")
-            finally:
-                cache.is_listening = False
-                conn.terminate()
-        await asyncio.sleep(LISTENER_RETRY_SECONDS)
 
-
-async def _listen_until_lost(
-    conn: asyncpg.Connection, cache: AuthCache, on_change: Callable[[], None]
-) -> None:
-    lost = asyncio.get_running_loop().create_future()
-    conn.add_termination_listener(lambda _conn: lost.done() or lost.set_result(None))
-
-    def changed(*_args: object) -> None:
+    def changed() -> None:
         cache.clear()
         on_change()
 
-    await conn.add_listener(AUTH_CHANNEL, changed)
-    # Changes made while nobody listened were missed: start from empty.
-    changed()
-    cache.is_listening = True
-    cache.confirm(time.monotonic())
-    # The termination callback is not fired when the server vanishes without a word
-    # (kill -9, network), so also probe now and then.
-    while not lost.done():
-        try:
-            await asyncio.wait_for(asyncio.shield(lost), timeout=PROBE_SECONDS)
-        except TimeoutError:
-            await conn.fetchval("SELECT 1", timeout=PROBE_SECONDS)
-            # Notifications arrive in order before the probe's answer, so none is pending.
-            cache.confirm(time.monotonic())
+    def start_listening() -> None:
+        changed()  # changes made while nobody listened were missed: start from empty
+        cache.is_listening = True
+        cache.confirm(time.monotonic())
+
+    def stop_listening() -> None:
+        cache.is_listening = False
+
+    subscription = Subscription(
+        label="auth listener",
+        channel=AUTH_CHANNEL,
+        on_notify=lambda _payload: changed(),
+        on_listening=start_listening,
+        on_lost=stop_listening,
+        on_probe=lambda: cache.confirm(time.monotonic()),
+    )
+    await listen_forever(dsn, subscription)
