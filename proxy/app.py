@@ -2,7 +2,8 @@
 
 Resources (database pool, auth listener, request log, rate limiter, backend session) come
 from cleanup contexts, so each is closed if and only if it was opened. Handlers live in
-proxy/handlers.py; this module only assembles.
+proxy/handlers.py (the forwarded routes), proxy/health.py (/healthz, /readyz, /metrics) and
+proxy/me.py; this module only assembles.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy import appkeys, handlers, store, tokenstore
+from proxy import appkeys, handlers, health, store, tokenstore
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
 from proxy.chattemplate import ChatTemplate, TemplateError, read_chat_template
@@ -64,7 +65,7 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.METRICS] = Metrics(queue.stats, lambda: backends.backends)
     app[appkeys.INFLIGHT] = InFlightRequests()
     app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
-    app[appkeys.READINESS] = ReadinessCache(lambda: handlers.check_readiness(app))
+    app[appkeys.READINESS] = ReadinessCache(lambda: health.check_readiness(app))
     app.cleanup_ctx.extend(
         [database, request_log, auth, rate_limiter, token_limiter, backend_session]
     )
@@ -80,9 +81,9 @@ def add_routes(app: web.Application) -> None:
     # GET only: a HEAD answer has no body, and cached it would empty every GET after it.
     # llama_cpp.server answers HEAD with 405 too, so nothing is lost.
     app.router.add_get(MODELS_ROUTE, handlers.list_models, allow_head=False)
-    app.router.add_get("/healthz", handlers.healthz)
-    app.router.add_get("/readyz", handlers.readyz)
-    app.router.add_get("/metrics", handlers.metrics)
+    app.router.add_get("/healthz", health.healthz)
+    app.router.add_get("/readyz", health.readyz)
+    app.router.add_get("/metrics", health.metrics)
     app.router.add_get("/v1/me", me)
 
 

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import appkeys
 from proxy.forward import UsageCounter
-from proxy.handlers import _may_read_metrics
+from proxy.health import _may_read_metrics
 
 pytest_plugins = ["gatewayfixture"]
 
