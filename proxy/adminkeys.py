@@ -15,6 +15,7 @@ from proxy.adminsupport import (
     AdminEnv,
     echo_json,
     echo_new_key,
+    expires_days_option,
     json_option,
     key_json,
     pass_env,
@@ -27,7 +28,7 @@ from proxy.adminsupport import (
 
 @click.command("add-key")
 @user_argument
-@click.option("--expires-days", type=int, metavar="D", help="The key stops working after D days.")
+@expires_days_option()
 @json_option
 @pass_env
 def add_key(
@@ -77,9 +78,7 @@ def revoke_key(env: AdminEnv, key_id: str) -> None:
     help="How long the old keys keep working.",
 )
 @click.option("--revoke-old", is_flag=True, help="Revoke the old keys at once instead.")
-@click.option(
-    "--expires-days", type=int, metavar="D", help="The new key stops working after D days."
-)
+@expires_days_option("The new key")
 @json_option
 @pass_env
 def rotate_key(

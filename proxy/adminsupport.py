@@ -217,6 +217,13 @@ def json_option(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(command)
 
 
+def expires_days_option(which: str = "The key") -> Callable[..., Any]:
+    """--expires-days D, passed on as `expires_days`; `which` names the key in its help."""
+    return click.option(
+        "--expires-days", type=int, metavar="D", help=f"{which} stops working after D days."
+    )
+
+
 def iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment else None
 

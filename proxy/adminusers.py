@@ -16,6 +16,7 @@ from proxy.adminsupport import (
     echo_json,
     echo_new_key,
     echo_table,
+    expires_days_option,
     iso,
     json_option,
     key_json,
@@ -33,7 +34,7 @@ from proxy.tokenaccounts import describe_tokens
 @click.option(
     "--rate-limit", type=int, metavar="N", help="Requests per window [default: the gateway's]."
 )
-@click.option("--expires-days", type=int, metavar="D", help="The key stops working after D days.")
+@expires_days_option()
 @json_option
 @pass_env
 def create_user(
@@ -159,12 +160,7 @@ def disable_user(env: AdminEnv, username: str) -> None:
     Example:
         bin/user_management_cli.sh disable-user alice
     """
-    is_changed = run(
-        env, functools.partial(accounts.set_disabled, username=username, is_disabled=True)
-    )
-    click.echo(
-        f"disabled user {username!r}" if is_changed else f"{username!r} was already disabled"
-    )
+    switch_user(env, username, is_disabled=True)
 
 
 @click.command("enable-user")
@@ -177,10 +173,16 @@ def enable_user(env: AdminEnv, username: str) -> None:
     Example:
         bin/user_management_cli.sh enable-user alice
     """
+    switch_user(env, username, is_disabled=False)
+
+
+def switch_user(env: AdminEnv, username: str, is_disabled: bool) -> None:
+    """disable-user's and enable-user's work: say whether it changed anything."""
     is_changed = run(
-        env, functools.partial(accounts.set_disabled, username=username, is_disabled=False)
+        env, functools.partial(accounts.set_disabled, username=username, is_disabled=is_disabled)
     )
-    click.echo(f"enabled user {username!r}" if is_changed else f"{username!r} was already enabled")
+    state = "disabled" if is_disabled else "enabled"
+    click.echo(f"{state} user {username!r}" if is_changed else f"{username!r} was already {state}")
 
 
 @click.command("delete-user")

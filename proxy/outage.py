@@ -4,12 +4,14 @@ One place decides it, by SQLSTATE class, so that auth, the limiter and the reque
 take the outage path on the same errors. "Unavailable" means: try again later, the
 rows or keys are fine (connection lost or refused, server shutting down or out of
 resources, a query cancelled or timed out, a read-only standby). Only data errors
-(classes 22 and 23) mean that the same rows will be refused for ever.
+(classes 22 and 23) mean that the same rows will be refused for ever. The limiters also
+announce an outage's start and end here, in the same words.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 
 import asyncpg
 
@@ -57,3 +59,17 @@ def classify(error: BaseException) -> Failure:
     if isinstance(error, UNAVAILABLE_ERRORS):
         return Failure.UNAVAILABLE
     return Failure.OTHER
+
+
+def log_limiter_database(
+    log: logging.Logger, what: str, was_down: bool, is_down: bool, error: BaseException | None
+) -> None:
+    """One warning when a limiter loses the database and one when it is back, not one a call."""
+    if is_down and not was_down:
+        log.warning(
+            "%s: database unreachable (%s); counting per gateway until it returns",
+            what,
+            type(error).__name__,
+        )
+    elif not is_down and was_down:
+        log.warning("%s: database is back; counting across gateways again", what)

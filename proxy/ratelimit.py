@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from proxy import store
+from proxy.outage import log_limiter_database
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +274,7 @@ class SharedLimiter:
             item.future.set_result(decision)
 
     def _note_database(self, is_down: bool, error: BaseException | None = None) -> None:
-        if is_down and not self.is_database_down:
-            log.warning(
-                "rate limits: database unreachable (%s); counting per gateway until it returns",
-                type(error).__name__,
-            )
-        elif not is_down and self.is_database_down:
-            log.warning("rate limits: database is back; counting across gateways again")
+        log_limiter_database(log, "rate limits", self.is_database_down, is_down, error)
         self.is_database_down = is_down
 
 

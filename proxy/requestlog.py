@@ -20,7 +20,6 @@ the gateway's memory or disk.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from proxy import store
+from proxy.flushloop import flush_forever
 from proxy.outage import Failure, classify
 from proxy.refusals import RefusalFolder
 from proxy.spool import Row, Spool
@@ -92,14 +92,7 @@ class RequestLog:
 
     async def run(self) -> None:
         """Flush forever, every FLUSH_INTERVAL_SECONDS or when the buffer fills."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), FLUSH_INTERVAL_SECONDS)
-            self.wakeup.clear()
-            try:
-                await self.flush()
-            except Exception:  # the flusher must outlive any one bad batch
-                log.exception("request log: flush failed; will try again")
+        await flush_forever(self.flush, self.wakeup, FLUSH_INTERVAL_SECONDS, "request log")
 
     async def flush(self) -> None:
         """Replay the spool if there is one, then write the buffer; spool it on failure."""

@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 
 from proxy import store, tokenstore
+from proxy.flushloop import flush_forever
+from proxy.outage import log_limiter_database
 from proxy.tokenbudget import TokenDecision, TokenLimits, TokenView, day_of, decide, next_day
 
 log = logging.getLogger(__name__)
@@ -149,14 +151,7 @@ class TokenLimiter:
 
     async def run(self) -> None:
         """Flush forever: at once for whoever waits, else every FLUSH_SECONDS."""
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wakeup.wait(), self.FLUSH_SECONDS)
-            self.wakeup.clear()
-            try:
-                await self.flush()
-            except Exception:  # the flusher must outlive any one bad batch
-                log.exception("token limits: flush failed; will try again")
+        await flush_forever(self.flush, self.wakeup, self.FLUSH_SECONDS, "token limits")
 
     async def flush(self) -> None:
         """Send the charges and reads gathered so far in one round trip; wake their waiters."""
@@ -219,13 +214,7 @@ class TokenLimiter:
     def _note_database(self, is_down: bool, error: BaseException | None = None) -> None:
         if is_down:
             self.retry_at = self.clock() + self.RETRY_SECONDS
-        if is_down and not self.is_database_down:
-            log.warning(
-                "token limits: database unreachable (%s); counting per gateway until it returns",
-                type(error).__name__,
-            )
-        elif not is_down and self.is_database_down:
-            log.warning("token limits: database is back; counting across gateways again")
+        log_limiter_database(log, "token limits", self.is_database_down, is_down, error)
         self.is_database_down = is_down
 
     async def close(self) -> None:
