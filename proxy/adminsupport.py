@@ -1,6 +1,7 @@
 """What the admin CLI's commands share: the database connection, durations, output.
 
-Kept apart from proxy/admin.py so that the commands read as a list of small functions.
+Kept apart from the command modules (proxy/adminusers.py, adminkeys.py, adminlimits.py,
+adminreports.py) so that they read as lists of small functions.
 """
 
 from __future__ import annotations

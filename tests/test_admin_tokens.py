@@ -1,4 +1,4 @@
-"""set-limit --tpm and set-quota (proxy/admin.py, proxy/tokenaccounts.py), against a real
+"""set-limit --tpm and set-quota (proxy/adminlimits.py, proxy/tokenaccounts.py), against a real
 PostgreSQL through click's CliRunner."""
 
 from __future__ import annotations
