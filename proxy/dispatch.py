@@ -97,7 +97,7 @@ class Dispatcher:
             while (lease := await self.pool.acquire(tried)) is not None:
                 tried.add(lease.backend.index)
                 try:
-                    return lease, await self._attempt(lease.backend, method, route, body, headers)
+                    response = await self._attempt(lease.backend, method, route, body, headers)
                 except BackendFailed as failed:
                     failure = failed
                     self.pool.release(lease, is_failed=True)
@@ -105,6 +105,10 @@ class Dispatcher:
                 except BaseException:
                     self.pool.release(lease, is_failed=False)
                     raise
+                else:
+                    # It answered: a down one (a last resort) is back, before its probe says so.
+                    self.pool.mark_up(lease.backend)
+                    return lease, response
             if (failure is not None and failure.is_timeout) or not self.is_restarting():
                 raise self._no_backend_error(failure, len(tried))
             if time.monotonic() >= deadline:

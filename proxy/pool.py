@@ -89,12 +89,15 @@ class BackendPool:
         # One pass, no lists: this runs for every request.
         free_up: Backend | None = None
         free_down: Backend | None = None
-        has_busy_up = False
+        has_busy_up = has_busy_down = False
         for backend in self.backends:
             if backend.index in tried:
                 continue
             if backend.busy >= backend.slots:
-                has_busy_up = has_busy_up or backend.is_up
+                if backend.is_up:
+                    has_busy_up = True
+                else:
+                    has_busy_down = True
             elif backend.is_up:
                 if free_up is None or backend.last_used < free_up.last_used:
                     free_up = backend
@@ -102,7 +105,12 @@ class BackendPool:
                 free_down = backend
         if free_up is not None:
             return free_up
-        return WAIT if has_busy_up else free_down
+        if has_busy_up:
+            return WAIT
+        # A down backend that is busy is no reason to give up: it may be serving (another
+        # request's last resort found it back before its probe did), and its slot comes back
+        # when that request ends, or at once if its probe finds it hung.
+        return free_down or (WAIT if has_busy_down else None)
 
     async def acquire(self, tried: Collection[int] = ()) -> Lease | None:
         """A slot on the backend pick() names, waiting for one if need be; None: none left."""

@@ -324,24 +324,29 @@ def size_option(name: str, default: float, what: str):
 @size_option("--flood-tokens", 64, "Tokens per request of A's (scenario 3).")
 @size_option("--probes", 3, "B's requests, one at a time (scenario 3).")
 @size_option("--relay-streams", 32, "Streams of 256 chunks relayed (scenario 6, relay cost).")
+@size_option("--capacity-seconds", 60.0, "Length of each setup's run (scenario 7, capacity).")
+@size_option("--capacity-tokens", 128, "Tokens per generation (scenario 7).")
+@size_option("--scaleout-seconds", 10.0, "Length of each backend count's run (scenario 8).")
 @click.option(
     "--only",
     metavar="NAME[,NAME]",
-    help="Run only these scenarios: overhead, relay, streaming, fairness, restart.",
+    help="Run only these scenarios: overhead, relay, scaleout, streaming, fairness, restart, "
+    "capacity.",
 )
 def bench(json_path: str | None, only: str | None, **sizes: float) -> None:
     """Measure the gateway against the direct path, side by side; print the table.
 
     Runs a private stack (temp LLAMAGATE_ROOT, free ports, the fallback model), never
     the configured service, and stops all of it at the end, on Ctrl-C too. Needs wrk
-    (apt-get install wrk). About 4 minutes on 2 cores. Exit 0 when it ran, even if a
-    target is MISSED; 1 when it could not run.
+    (apt-get install wrk). About 9 minutes on 2 cores, 4 of them capacity. Exit 0 when
+    it ran, even if a target is MISSED; 1 when it could not run.
 
     \b
     Example:
         ./console.sh bench
         ./console.sh bench --json bench.json --seconds 5
         ./console.sh bench --only relay,overhead
+        ./console.sh bench --only capacity,scaleout --capacity-seconds 20
     """
     from runtime.bench.errors import BenchError
     from runtime.bench.report import render_table

@@ -2,29 +2,33 @@
 
 One start for the whole module (two fallback-model backends and a gateway on a database of
 the session's cluster); each test leaves both replicas serving, except the last, which
-stops everything.
+stops everything. The tests that kill or restart a replica do it under load through the
+gateway (tests/gatewayload.py), which must not see a failed request.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from conftest import (
     TEST_API_KEY,
-    ConsoleHome,
+    GatewayHome,
     clean_environ,
     free_port,
     link_or_copy,
     processes_matching,
     wait_for,
 )
+from gatewayload import ShortRequestLoad, long_completion, read_stream
 from pgfixture import fresh_database
 
 from runtime.backend import is_answering
@@ -52,8 +56,10 @@ def two_free_ports() -> int:
     )
 
 
-class PoolHome(ConsoleHome):
-    """A ConsoleHome with two replicas; `port` is replica 0's."""
+class PoolHome(GatewayHome):
+    """A GatewayHome with two replicas; `port` is replica 0's, `url` the gateway's."""
+
+    key = ""  # a gateway user's key, created by the fixture
 
     @property
     def urls(self) -> list[str]:
@@ -76,6 +82,14 @@ class PoolHome(ConsoleHome):
     def status_json(self) -> dict:
         return json.loads(self.run("status", "--json").stdout)
 
+    def backend_metric(self, name: str, index: int) -> float:
+        """A per-backend series from the gateway's /metrics, for replica `index`."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        pattern = rf'^llamagate_backend_{name}(?:_total)?{{[^}}]*backend="{index}"[^}}]*}} (\S+)$'
+        [value] = re.findall(pattern, text, flags=re.MULTILINE)
+        return float(value)
+
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory, fallback_model: Path, pg_cluster):
@@ -83,9 +97,10 @@ def pool(tmp_path_factory, fallback_model: Path, pg_cluster):
     root = tmp_path_factory.mktemp("pool") / "home"
     (root / "models").mkdir(parents=True)
     link_or_copy(fallback_model, root / "models" / FALLBACK_MODEL_NAME)
-    home = PoolHome(root=root, port=two_free_ports())
-    proxy_port = wait_for(lambda: next((p for p in [free_port()] if p != home.port + 1), None))
+    port = two_free_ports()
+    proxy_port = wait_for(lambda: next((p for p in [free_port()] if p != port + 1), None))
     with fresh_database(pg_cluster) as dsn:
+        home = PoolHome(root=root, port=port, proxy_port=proxy_port, dsn=dsn)
         home.env = {
             **clean_environ(),
             "LLAMAGATE_ROOT": str(root),
@@ -101,6 +116,7 @@ def pool(tmp_path_factory, fallback_model: Path, pg_cluster):
         started = home.run("start")
         assert started.returncode == 0, started.stdout + started.stderr
         try:
+            home.key = home.new_user("load", rate_limit=1_000_000)
             yield home
         finally:
             home.run("stop", timeout=120)
@@ -155,10 +171,56 @@ def test_logs_shows_every_replica_or_the_one_asked_for(pool):
     assert refused.returncode == 1 and "only the backend has replicas" in refused.stderr
 
 
-def test_ensure_brings_back_a_killed_replica(pool):
+def test_two_replicas_behind_the_gateway_generate_two_streams_at_once(pool):
+    streams = [None, None]
+
+    def read(index: int) -> None:
+        streams[index] = read_stream(pool.url, pool.key, long_completion(40))
+
+    readers = [threading.Thread(target=read, args=(index,)) for index in range(2)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(timeout=60)
+    assert all(s is not None and s.status == 200 and s.is_done for s in streams), streams
+    first, second = (stream.times for stream in streams)
+    # Interleaved: each stream has events between two events of the other. One backend
+    # would have generated one after the other, with no event of one inside the other.
+    assert any(first[0] < at < first[-1] for at in second), (first, second)
+    assert any(second[0] < at < second[-1] for at in first), (first, second)
+
+
+def start_stream_on_each_replica(pool: PoolHome) -> tuple[list[threading.Thread], list]:
+    """Two long streams through the gateway, returned once both generate: one on each
+    replica, since each replica has one slot."""
+    streams: list = [None, None]
+    started = [threading.Event(), threading.Event()]
+
+    def read(index: int) -> None:
+        streams[index] = read_stream(pool.url, pool.key, long_completion(150), started[index])
+
+    readers = [threading.Thread(target=read, args=(index,), daemon=True) for index in range(2)]
+    for reader in readers:
+        reader.start()
+    wait_for(lambda: all(event.is_set() for event in started), what="both streams to start")
+    assert streams == [None, None], "a stream ended before the other started"
+    return readers, streams
+
+
+def test_kill_9_of_a_replica_under_load_fails_only_its_stream_and_ensure_brings_it_back(pool):
     first, second = pool.pids()
-    os.kill(second, signal.SIGKILL)
-    wait_for(lambda: not pool.processes_on(1), what="the killed replica to vanish")
+    with ShortRequestLoad(pool.url, pool.key) as load:
+        readers, streams = start_stream_on_each_replica(pool)
+        os.kill(second, signal.SIGKILL)
+        wait_for(lambda: not pool.processes_on(1), what="the killed replica to vanish")
+        for reader in readers:
+            reader.join(timeout=60)
+        answered = load.answered
+        wait_for(lambda: load.answered_at_least(answered + 6), what="answers after the kill")
+    assert load.failures == [], load.failures
+    # The stream on the killed replica ends with an error event, the other one whole.
+    ends = sorted((s.status, s.is_done, s.error_codes) for s in streams)
+    assert ends == [(200, False, ["backend_failed"]), (200, True, [])], ends
     down = pool.run("status")
     assert down.returncode == 1, down.stdout
     assert pool.status_json()["backend-1"]["state"] == "degraded"
@@ -171,6 +233,11 @@ def test_ensure_brings_back_a_killed_replica(pool):
     assert pool.pid_of("backend-1") not in (None, second)
     assert is_answering(pool.urls[1])
     assert pool.run("status").returncode == 0
+    # The gateway sends the new replica requests again (its probe puts it back in the pool).
+    served = pool.backend_metric("requests", 1)
+    with ShortRequestLoad(pool.url, pool.key) as load:
+        wait_for(lambda: pool.backend_metric("requests", 1) > served, what="replica 1 to serve")
+    assert load.failures == [], load.failures
 
 
 class Poller(threading.Thread):
@@ -188,16 +255,20 @@ class Poller(threading.Thread):
             time.sleep(0.02)  # pacing only: the probes are the measurement
 
 
-def test_restart_is_rolling_so_one_replica_always_answers(pool):
+def test_restart_is_rolling_so_one_replica_always_answers_and_no_request_fails(pool):
     before = pool.pids()
     poller = Poller(pool.urls)
     poller.start()
-    try:
-        result = pool.run("restart")
-    finally:
-        poller.is_stopping.set()
-        poller.join(timeout=10)
+    with ShortRequestLoad(pool.url, pool.key) as load:
+        try:
+            result = pool.run("restart")
+        finally:
+            poller.is_stopping.set()
+            poller.join(timeout=10)
+        answered = load.answered
+        wait_for(lambda: load.answered_at_least(answered + 6), what="answers after the restart")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert load.failures == [], load.failures
     after = pool.pids()
     assert all(pid is not None and pid not in before for pid in after), (before, after)
     assert poller.rounds and all(any(round_) for round_ in poller.rounds), poller.rounds

@@ -93,6 +93,26 @@ async def test_a_turn_waiting_for_a_slot_takes_a_backend_that_rejoins():
     assert lease is not None and lease.backend is pool.backends[0]
 
 
+@pytest.mark.asyncio
+async def test_a_turn_whose_last_untried_backend_is_down_but_busy_waits_for_its_slot():
+    # A rolling restart: backend 1 has just stopped (it refused this turn), backend 0 has
+    # just come back before its probe saw it, and serves another turn's last resort.
+    pool = BackendPool(URLS[:2], slots=1)
+    first = pool.backends[0]
+    pool.mark_down(first, "refused")
+    pool.mark_down(pool.backends[1], "refused")
+    held = await pool.acquire({1})
+    assert held is not None and held.backend is first
+    assert pool.pick({1}) == WAIT  # not None: that would be a 502 with a backend serving
+    waiting = asyncio.create_task(pool.acquire({1}))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    pool.release(held, is_failed=False)
+    lease = await asyncio.wait_for(waiting, 5)
+    assert lease is not None and lease.backend is first
+    assert pool.pick({0, 1}) is None  # every backend tried: nothing left to wait for
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

@@ -3,7 +3,9 @@
 Order matters on a small machine. Scenario 1 (and the relay cost, on the same canned
 upstream and gateway) runs first, while the backend is idle, and its upstream and second
 gateway are stopped before the model scenarios, so that they do not take CPU from the
-model. `--only` runs a subset (SCENARIOS names them), in the same order.
+model. The scale-out scenario (8) runs next, on canned upstreams of its own. Capacity
+(7) runs last: it restarts the stack with other replica and thread counts. `--only` runs a
+subset (SCENARIOS names them), in the same order.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from runtime.bench import model, overhead, relay
+from runtime.bench import capacity, model, overhead, relay, scaleout
 from runtime.bench.client import Target
 from runtime.bench.errors import BenchError
 from runtime.bench.loadgen import find_wrk
@@ -23,20 +25,24 @@ from runtime.bench.report import Report
 from runtime.bench.stack import (
     OVERHEAD_CONCURRENCY,
     Stack,
+    free_port,
+    free_port_run,
     private_root,
     start_overhead_gateway,
+    start_side_gateway,
     start_upstream,
     terminate_raises,
 )
+from runtime.replicas import default_threads
 
 Echo = Callable[[str], None]
 # What --only takes; "overhead" includes scenario 5 (the gateway's memory after it).
-SCENARIOS = ("overhead", "relay", "streaming", "fairness", "restart")
+SCENARIOS = ("overhead", "relay", "scaleout", "streaming", "fairness", "restart", "capacity")
 
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """The size of a run; the defaults fit in 5 minutes on 2 cores."""
+    """The size of a run; the defaults take about 9 minutes on 2 cores (capacity: 4)."""
 
     seconds: float = 10.0  # each wrk run in scenario 1
     stream_prompts: int = 4  # scenario 2: prompts per pass (4 passes, paths alternating)
@@ -46,6 +52,9 @@ class BenchOptions:
     probes: int = 3  # B's requests, one at a time
     restart_settle: float = 2.0  # scenario 4: steady load before and after the restart
     relay_streams: int = relay.STREAMS  # scenario 6: streams relayed
+    capacity_seconds: float = 60.0  # scenario 7: each setup's run
+    capacity_tokens: int = 128  # each generation in scenario 7
+    scaleout_seconds: float = 10.0  # scenario 8: each backend count's run
     only: frozenset[str] = frozenset(SCENARIOS)  # the scenarios to run
 
     def runs(self, name: str) -> bool:
@@ -80,6 +89,8 @@ def run_bench(options: BenchOptions, echo: Echo) -> Report:
         if options.runs("overhead") or options.runs("relay"):
             with contextlib.ExitStack() as scenario_1:
                 run_overhead(stack, keys["bench"], options, report, echo, scenario_1)
+        if options.runs("scaleout"):
+            run_scaleout(stack, keys["bench"], options, report, echo)
         direct = Target("direct", stack.backend_url, stack.backend_key)
         gateway = Target("gateway", stack.gateway_url, keys["bench"])
         if options.runs("streaming"):
@@ -93,6 +104,8 @@ def run_bench(options: BenchOptions, echo: Echo) -> Report:
             run_fairness(stack, keys, options, report, echo)
         if options.runs("restart"):
             run_restart(stack, direct, gateway, options, report, echo)
+        if options.runs("capacity"):
+            run_capacity(stack, options, report, echo)
         echo("stopping the private stack")
     report.wall_seconds = time.monotonic() - started
     return report
@@ -154,3 +167,67 @@ def run_fairness(
     user_a = Target("gateway", stack.gateway_url, keys["user-a"])
     user_b = Target("gateway", stack.gateway_url, keys["user-b"])
     report.rows += asyncio.run(model.measure_fairness(direct, user_a, user_b, plan))
+
+
+def run_scaleout(stack: Stack, key: str, options: BenchOptions, report: Report, echo: Echo) -> None:
+    echo(
+        f"scenario 8: scale-out, 1 to {max(scaleout.BACKENDS)} canned backends of "
+        f"{scaleout.SERVICE_SECONDS * 1000:.0f} ms at concurrency 1 "
+        f"({options.scaleout_seconds:.0f}s each)"
+    )
+    rates: dict[int, float] = {}
+    with contextlib.ExitStack() as exits:
+        gateway_port = free_port()
+        first = free_port_run(max(scaleout.BACKENDS), avoid=gateway_port)
+        service = ("--service-seconds", str(scaleout.SERVICE_SECONDS))
+        start_upstream(exits, "--count", str(max(scaleout.BACKENDS)), *service, port=first)
+        for count in scaleout.BACKENDS:
+            with contextlib.ExitStack() as gateway_exits:
+                overrides = {"LLAMA_SERVER_REPLICAS": str(count), "LLAMA_N_THREADS": "1"}
+                url, _ = start_side_gateway(
+                    stack, f"scaleout-{count}", first, overrides, gateway_exits, gateway_port
+                )
+                clients = scaleout.CLIENTS_PER_BACKEND * count
+                target = Target("gateway", url, key)
+                rates[count] = asyncio.run(
+                    scaleout.throughput(target, clients, options.scaleout_seconds)
+                )
+    report.rows += scaleout.scaleout_rows(rates)
+    report.notes.append(
+        f"scenario 8: {scaleout.CLIENTS_PER_BACKEND} clients per backend, each sending one "
+        f"request after another through one gateway (LLAMA_PROXY_BACKEND_CONCURRENCY=1); "
+        f"the direct column is linear: N x the 1-backend figure"
+    )
+
+
+def run_capacity(stack: Stack, options: BenchOptions, report: Report, echo: Echo) -> None:
+    users = [stack.create_user(f"capacity-{i}") for i in range(1, capacity.USERS + 1)]
+    targets = [Target("gateway", stack.gateway_url, key) for key in users]
+    setups = capacity.setups_for(default_threads(1))
+
+    def reconfigure(setup: capacity.Setup) -> None:
+        echo(
+            f"scenario 7: capacity, {setup.label}: {capacity.USERS} users, "
+            f"{options.capacity_tokens}-token generations for {options.capacity_seconds:.0f}s"
+        )
+        if setup is setups[0]:
+            return  # the stack as started: 1 replica, every core's threads
+        is_new_threads = stack.env.get("LLAMA_N_THREADS") != str(setup.threads)
+        stack.env["LLAMA_SERVER_REPLICAS"] = str(setup.replicas)
+        stack.env["LLAMA_N_THREADS"] = str(setup.threads)
+        # restart re-runs every replica with the new threads; start only adds replicas.
+        stack.console("restart" if is_new_threads else "start")
+
+    rows, _ = capacity.measure_capacity(
+        setups,
+        reconfigure,
+        targets,
+        stack.dsn(),
+        options.capacity_tokens,
+        options.capacity_seconds,
+    )
+    report.rows += rows
+    report.notes.append(
+        "scenario 7: all through the gateway; the direct column is 1 replica x 1 thread, the "
+        "llamagate column 2 replicas x 1 thread; queue waits are the gateway's own queue_ms"
+    )

@@ -155,11 +155,12 @@ class Stack:
         return record.pid
 
 
-def start_upstream(exits: contextlib.ExitStack) -> int:
-    """The canned upstream in a process of its own; its port."""
-    port = free_port()
+def start_upstream(exits: contextlib.ExitStack, *options: str, port: int | None = None) -> int:
+    """The canned upstream in a process of its own (`options` go to its command line); its
+    first port."""
+    port = port or free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.bench.upstream", str(port)],
+        [sys.executable, "-m", "runtime.bench.upstream", str(port), *options],
         cwd=CODE_DIR,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
@@ -167,6 +168,25 @@ def start_upstream(exits: contextlib.ExitStack) -> int:
     exits.callback(stop_process_group, process)
     wait_for_port(port)
     return port
+
+
+def free_port_run(count: int, avoid: int) -> int:
+    """The first of `count` consecutive ports that are all free now, none of them `avoid`."""
+    for _ in range(100):
+        first = free_port()
+        ports = range(first, first + count)
+        if avoid not in ports and ports[-1] <= 65535 and all(map(is_port_free, ports)):
+            return first
+    raise BenchError(f"found no {count} consecutive free ports")
+
+
+def is_port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def stop_process_group(process: subprocess.Popen) -> None:
@@ -183,21 +203,36 @@ def stop_process_group(process: subprocess.Popen) -> None:
 def start_overhead_gateway(
     stack: Stack, upstream_port: int, exits: contextlib.ExitStack
 ) -> tuple[str, int]:
-    """A second real gateway (`python -m proxy`), configured as the console does it, in front
-    of the canned upstream; its URL and pid.
+    """A second real gateway in front of the canned upstream, admitting
+    OVERHEAD_CONCURRENCY requests to it at once; its URL and pid."""
+    overrides = {"LLAMA_PROXY_BACKEND_CONCURRENCY": str(OVERHEAD_CONCURRENCY)}
+    return start_side_gateway(stack, "overhead", upstream_port, overrides, exits)
 
-    It has a state root of its own (pid file, log, spool) and shares the stack's database,
-    so the bench user's key works on both gateways.
+
+def start_side_gateway(
+    stack: Stack,
+    name: str,
+    upstream_port: int,
+    overrides: dict[str, str],
+    exits: contextlib.ExitStack,
+    port: int | None = None,
+) -> tuple[str, int]:
+    """A real gateway (`python -m proxy`), configured as the console does it, in front of
+    canned upstreams from `upstream_port` on; its URL and pid.
+
+    It has a state root of its own (stack.root / name: pid file, log, spool) and shares the
+    stack's database, so the bench users' keys work on every gateway.
     """
-    root = stack.root / "overhead"
-    port = free_port()
+    root = stack.root / name
+    port = port or free_port()
     environ = {
         **stack.env,
         "LLAMAGATE_ROOT": str(root),
-        # The console points its gateway at LLAMA_SERVER_PORT: here, the upstream.
+        # The console points its gateway at LLAMA_SERVER_PORT (and the ports after it, one
+        # per replica): here, the upstreams.
         "LLAMA_SERVER_PORT": str(upstream_port),
         "LLAMA_PROXY_PORT": str(port),
-        "LLAMA_PROXY_BACKEND_CONCURRENCY": str(OVERHEAD_CONCURRENCY),
+        **overrides,
     }
     settings = load_settings(Paths(root), environ=environ)
     gateway = GatewaySupervisor(settings, dsn=stack.dsn(), environ=environ, echo=lambda _: None)
@@ -205,9 +240,7 @@ def start_overhead_gateway(
     try:
         gateway.start()
     except StartError as error:
-        raise BenchError(
-            f"the scenario-1 gateway did not start: {error} {error.log_tail}"
-        ) from None
+        raise BenchError(f"the {name} gateway did not start: {error} {error.log_tail}") from None
     return gateway.url, stack.gateway_pid(root)
 
 

@@ -1,4 +1,4 @@
-"""The fast canned upstream for scenario 1: `python -m runtime.bench.upstream PORT`.
+"""The canned upstream: `python -m runtime.bench.upstream PORT [--count N] [--service-seconds S]`.
 
 Scenario 1 measures what the gateway adds, so the upstream must cost as little as
 possible and cost the same on both paths. A raw asyncio Protocol answers keep-alive
@@ -12,14 +12,20 @@ request log expects. A request whose body asks for `"stream": true` (the relay-c
 scenario) gets STREAM_TOKENS server-sent events shaped like llama_cpp.server 0.3's, one
 token per event, each written on its own every TOKEN_INTERVAL_SECONDS as a model would,
 then `data: [DONE]`.
+
+The scale-out scenario runs it as N backends at once (`--count N`: ports PORT to
+PORT+N-1, one process) that each answer a POST after `--service-seconds`, one at a time
+per port, as llama_cpp.server generates for one request at a time. GETs (the gateway's
+probes) are answered at once.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import functools
 import json
 import signal
-import sys
 
 from runtime.bench.sse import STREAM_HEAD, sse_events
 
@@ -64,6 +70,9 @@ STREAM_EVENTS = sse_events(STREAM_TOKENS)
 class CannedHttp(asyncio.Protocol):
     """Parses just enough HTTP/1.1 (head, Content-Length body) to answer pipelined requests."""
 
+    def __init__(self, service: ServiceTime | None = None) -> None:
+        self.service = service
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.buffer = b""
@@ -89,7 +98,19 @@ class CannedHttp(asyncio.Protocol):
                 # One stream per connection at a time, as the gateway sends them.
                 self.streaming = asyncio.ensure_future(self.stream())
                 return
-            self.transport.write(GET_ANSWER if head.startswith(b"GET ") else POST_ANSWER)
+            if head.startswith(b"GET "):
+                self.transport.write(GET_ANSWER)
+            elif self.service is not None:
+                # One request at a time: the next one is read when this one is answered.
+                self.streaming = asyncio.ensure_future(self.answer_in_turn(self.service))
+                return
+            else:
+                self.transport.write(POST_ANSWER)
+
+    async def answer_in_turn(self, service: ServiceTime) -> None:
+        async with service.turn:
+            await asyncio.sleep(service.seconds)
+        self.transport.write(POST_ANSWER)
 
     async def stream(self) -> None:
         """The canned SSE answer, one chunked-encoding chunk per event, paced like a model."""
@@ -98,6 +119,14 @@ class CannedHttp(asyncio.Protocol):
             await asyncio.sleep(TOKEN_INTERVAL_SECONDS)
             self.transport.write(b"%x\r\n%s\r\n" % (len(event), event))
         self.transport.write(b"0\r\n\r\n")
+
+
+class ServiceTime:
+    """One backend's generation: one request at a time, each taking `seconds`."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.turn = asyncio.Lock()
 
 
 def content_length(head: bytes) -> int:
@@ -111,16 +140,33 @@ def content_length(head: bytes) -> int:
     return int(head[start : stop if stop >= 0 else None].strip() or 0)
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, count: int = 1, service_seconds: float = 0.0) -> None:
+    """Listen on ports port .. port+count-1, each with its own one-at-a-time service time."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(CannedHttp, "127.0.0.1", port, backlog=1024)
+    servers = []
+    for offset in range(count):
+        service = ServiceTime(service_seconds) if service_seconds > 0 else None
+        answer = functools.partial(CannedHttp, service)
+        servers.append(await loop.create_server(answer, "127.0.0.1", port + offset, backlog=1024))
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
-    print(f"canned upstream listening on 127.0.0.1:{port}", flush=True)
-    async with server:
-        await stopped.wait()
+    print(f"canned upstream listening on 127.0.0.1:{port} (+{count - 1})", flush=True)
+    await stopped.wait()
+    for server in servers:
+        server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m runtime.bench.upstream")
+    parser.add_argument("port", type=int)
+    parser.add_argument("--count", type=int, default=1, help="backends on consecutive ports")
+    parser.add_argument(
+        "--service-seconds", type=float, default=0.0, help="each POST, one at a time per port"
+    )
+    arguments = parser.parse_args()
+    asyncio.run(serve(arguments.port, arguments.count, arguments.service_seconds))
 
 
 if __name__ == "__main__":
-    asyncio.run(serve(int(sys.argv[1])))
+    main()
