@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,10 +122,8 @@ def clean_environ() -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def home(tmp_path: Path, fallback_model: Path):
-    """A state root with the fallback model, on a free port; stops what it started."""
-    root = tmp_path / "home"
+def make_console_home(root: Path, fallback_model: Path) -> ConsoleHome:
+    """A state root at root with the fallback model, on a free port, in single-key mode."""
     (root / "models").mkdir(parents=True)
     link_or_copy(fallback_model, root / "models" / FALLBACK_MODEL_NAME)
     console_home = ConsoleHome(root=root, port=free_port())
@@ -138,10 +136,22 @@ def home(tmp_path: Path, fallback_model: Path):
         # Single-key mode unless a test asks for the gateway (see gateway_home).
         "LLAMA_PROXY_ENABLED": "0",
     }
-    yield console_home
+    return console_home
+
+
+def stop_console_home(console_home: ConsoleHome) -> None:
+    """Stop what the console started in this home, and any backend left on its port."""
     console_home.run("stop", timeout=60)
     for pid in console_home.backend_pids():
         os.kill(pid, 9)
+
+
+@pytest.fixture
+def home(tmp_path: Path, fallback_model: Path):
+    """A state root with the fallback model, on a free port; stops what it started."""
+    console_home = make_console_home(tmp_path / "home", fallback_model)
+    yield console_home
+    stop_console_home(console_home)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -157,6 +167,22 @@ def serving(home: ConsoleHome) -> ConsoleHome:
     result = home.run("start")
     assert result.returncode == 0, result.stdout + result.stderr
     return home
+
+
+@pytest.fixture(scope="session")
+def shared_serving(tmp_path_factory, fallback_model: Path) -> Iterator[ConsoleHome]:
+    """Like serving, but started once for the whole session: a start costs seconds.
+
+    Only for tests that leave it as they found it: they do not stop, restart or reconfigure
+    it, and do not call /v1/models (test_single_key_mode reads the backend log for that).
+    """
+    console_home = make_console_home(tmp_path_factory.mktemp("shared") / "home", fallback_model)
+    try:
+        result = console_home.run("start")
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield console_home
+    finally:
+        stop_console_home(console_home)
 
 
 @dataclass
@@ -198,17 +224,23 @@ class GatewayHome(ConsoleHome):
             return json.load(ready)["queue"]["waiting"]
 
 
-@pytest.fixture
-def gateway_home(home: ConsoleHome, pg_dsn: str):
-    """A home in gateway mode whose database is a fresh one in the session's cluster."""
-    gateway = GatewayHome(root=home.root, port=home.port, proxy_port=free_port(), dsn=pg_dsn)
+def make_gateway_home(home: ConsoleHome, dsn: str) -> GatewayHome:
+    """home, in gateway mode, in front of the database at dsn."""
+    gateway = GatewayHome(root=home.root, port=home.port, proxy_port=free_port(), dsn=dsn)
     gateway.env = {
         **home.env,
         "LLAMA_PROXY_ENABLED": "1",
         "LLAMA_PROXY_HOST": "127.0.0.1",
         "LLAMA_PROXY_PORT": str(gateway.proxy_port),
         "LLAMA_PROXY_RATE_LIMIT": "1000",
-        "POSTGRES_AUTH_DSN": pg_dsn,
+        "POSTGRES_AUTH_DSN": dsn,
     }
+    return gateway
+
+
+@pytest.fixture
+def gateway_home(home: ConsoleHome, pg_dsn: str):
+    """A home in gateway mode whose database is a fresh one in the session's cluster."""
+    gateway = make_gateway_home(home, pg_dsn)
     yield gateway
     gateway.run("stop", timeout=60)
