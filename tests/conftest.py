@@ -43,6 +43,28 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str =
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status == 200
+    except OSError:  # refused, reset, timed out, or an HTTP error status
+        return False
+
+
+def wait_until_serving(
+    home: ConsoleHome, supervisor: subprocess.Popen | None = None, what: str = "the stack"
+) -> None:
+    """Wait until home answers (or its supervisor exits), then until `status` says serving."""
+    wait_for(
+        lambda: home.answers() or (supervisor is not None and supervisor.poll() is not None),
+        timeout=120,
+        what=f"{what} to serve",
+    )
+    if supervisor is not None:
+        assert supervisor.poll() is None, supervisor.stdout.read()
+    wait_for(lambda: home.run("status").returncode == 0, timeout=60, what=f"{what} serving")
+
+
 def processes_matching(*needles: str) -> list[int]:
     """Pids of live (non-zombie) processes whose command line contains every needle."""
     found = []
@@ -95,6 +117,11 @@ class ConsoleHome:
             stderr=subprocess.STDOUT,
             text=True,
         )
+
+    def answers(self) -> bool:
+        """Whether the backend answers its readiness probe: far cheaper to poll than
+        `status`, whose every run is a Python start-up competing with the one awaited."""
+        return answers_200(f"http://127.0.0.1:{self.port}/openapi.json")
 
     def backend_pid(self) -> int | None:
         record = read_pidfile(self.root / "runtime" / "run" / "backend.pid")
@@ -195,6 +222,10 @@ class GatewayHome(ConsoleHome):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
+
+    def answers(self) -> bool:
+        """Whether the backend and the gateway both answer their probes."""
+        return super().answers() and answers_200(f"{self.url}/healthz")
 
     def admin(self, *args: str) -> subprocess.CompletedProcess:
         """The admin CLI, as bin/user_management_cli.sh runs it."""
