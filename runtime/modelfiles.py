@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.ggufheader import HeaderError, read_header
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -59,16 +61,23 @@ def read_model_info(path: Path) -> ModelInfo:
     """Read architecture, quantisation and context length; raise ModelError if corrupt."""
     _check_magic(path)
     # Imported here: gguf pulls in numpy, which only these commands need.
-    from gguf import GGUFReader, LlamaFileType
+    from gguf import LlamaFileType
 
     try:
-        reader = GGUFReader(path, "r")
-        fields = {name: _field_value(field) for name, field in reader.fields.items()}
-    except (ValueError, IndexError, KeyError, OSError) as error:
+        header = read_header(path)
+        is_whole = path.stat().st_size >= header.data_bytes_needed
+    except (HeaderError, OSError) as error:
         raise ModelError(
             f"{path} is not a readable GGUF file ({error}); "
             f"download it again or remove it with ./console.sh rm"
         ) from None
+    if not is_whole:
+        raise ModelError(
+            f"{path} is not a readable GGUF file (its tensors need "
+            f"{header.data_bytes_needed} bytes, it has {path.stat().st_size}: cut short); "
+            f"download it again or remove it with ./console.sh rm"
+        )
+    fields = header.fields
     architecture = str(fields.get("general.architecture", "unknown"))
     file_type = fields.get("general.file_type")
     try:
@@ -96,15 +105,3 @@ def _check_magic(path: Path) -> None:
             f"{path} is not a GGUF file (it does not start with 'GGUF'); "
             f"download it again or remove it with ./console.sh rm"
         )
-
-
-def _field_value(field):
-    """A scalar or string field's value; None for arrays, which `models` does not show."""
-    from gguf import GGUFValueType
-
-    if len(field.types) != 1:
-        return None
-    part = field.parts[field.data[0]]
-    if field.types[0] == GGUFValueType.STRING:
-        return bytes(part).decode("utf-8", errors="replace")
-    return part[0].item()

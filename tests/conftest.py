@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +41,28 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str =
             return result
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def answers_200(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            return answer.status == 200
+    except OSError:  # refused, reset, timed out, or an HTTP error status
+        return False
+
+
+def wait_until_serving(
+    home: ConsoleHome, supervisor: subprocess.Popen | None = None, what: str = "the stack"
+) -> None:
+    """Wait until home answers (or its supervisor exits), then until `status` says serving."""
+    wait_for(
+        lambda: home.answers() or (supervisor is not None and supervisor.poll() is not None),
+        timeout=120,
+        what=f"{what} to serve",
+    )
+    if supervisor is not None:
+        assert supervisor.poll() is None, supervisor.stdout.read()
+    wait_for(lambda: home.run("status").returncode == 0, timeout=60, what=f"{what} serving")
 
 
 def processes_matching(*needles: str) -> list[int]:
@@ -96,6 +118,11 @@ class ConsoleHome:
             text=True,
         )
 
+    def answers(self) -> bool:
+        """Whether the backend answers its readiness probe: far cheaper to poll than
+        `status`, whose every run is a Python start-up competing with the one awaited."""
+        return answers_200(f"http://127.0.0.1:{self.port}/openapi.json")
+
     def backend_pid(self) -> int | None:
         record = read_pidfile(self.root / "runtime" / "run" / "backend.pid")
         return record.pid if record else None
@@ -122,10 +149,8 @@ def clean_environ() -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def home(tmp_path: Path, fallback_model: Path):
-    """A state root with the fallback model, on a free port; stops what it started."""
-    root = tmp_path / "home"
+def make_console_home(root: Path, fallback_model: Path) -> ConsoleHome:
+    """A state root at root with the fallback model, on a free port, in single-key mode."""
     (root / "models").mkdir(parents=True)
     link_or_copy(fallback_model, root / "models" / FALLBACK_MODEL_NAME)
     console_home = ConsoleHome(root=root, port=free_port())
@@ -138,10 +163,22 @@ def home(tmp_path: Path, fallback_model: Path):
         # Single-key mode unless a test asks for the gateway (see gateway_home).
         "LLAMA_PROXY_ENABLED": "0",
     }
-    yield console_home
+    return console_home
+
+
+def stop_console_home(console_home: ConsoleHome) -> None:
+    """Stop what the console started in this home, and any backend left on its port."""
     console_home.run("stop", timeout=60)
     for pid in console_home.backend_pids():
         os.kill(pid, 9)
+
+
+@pytest.fixture
+def home(tmp_path: Path, fallback_model: Path):
+    """A state root with the fallback model, on a free port; stops what it started."""
+    console_home = make_console_home(tmp_path / "home", fallback_model)
+    yield console_home
+    stop_console_home(console_home)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -159,6 +196,22 @@ def serving(home: ConsoleHome) -> ConsoleHome:
     return home
 
 
+@pytest.fixture(scope="session")
+def shared_serving(tmp_path_factory, fallback_model: Path) -> Iterator[ConsoleHome]:
+    """Like serving, but started once for the whole session: a start costs seconds.
+
+    Only for tests that leave it as they found it: they do not stop, restart or reconfigure
+    it, and do not call /v1/models (test_single_key_mode reads the backend log for that).
+    """
+    console_home = make_console_home(tmp_path_factory.mktemp("shared") / "home", fallback_model)
+    try:
+        result = console_home.run("start")
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield console_home
+    finally:
+        stop_console_home(console_home)
+
+
 @dataclass
 class GatewayHome(ConsoleHome):
     """A ConsoleHome in gateway mode, on the session's PostgreSQL; `url` is the gateway's."""
@@ -169,6 +222,10 @@ class GatewayHome(ConsoleHome):
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.proxy_port}"
+
+    def answers(self) -> bool:
+        """Whether the backend and the gateway both answer their probes."""
+        return super().answers() and answers_200(f"{self.url}/healthz")
 
     def admin(self, *args: str) -> subprocess.CompletedProcess:
         """The admin CLI, as bin/user_management_cli.sh runs it."""
@@ -198,17 +255,23 @@ class GatewayHome(ConsoleHome):
             return json.load(ready)["queue"]["waiting"]
 
 
-@pytest.fixture
-def gateway_home(home: ConsoleHome, pg_dsn: str):
-    """A home in gateway mode whose database is a fresh one in the session's cluster."""
-    gateway = GatewayHome(root=home.root, port=home.port, proxy_port=free_port(), dsn=pg_dsn)
+def make_gateway_home(home: ConsoleHome, dsn: str) -> GatewayHome:
+    """home, in gateway mode, in front of the database at dsn."""
+    gateway = GatewayHome(root=home.root, port=home.port, proxy_port=free_port(), dsn=dsn)
     gateway.env = {
         **home.env,
         "LLAMA_PROXY_ENABLED": "1",
         "LLAMA_PROXY_HOST": "127.0.0.1",
         "LLAMA_PROXY_PORT": str(gateway.proxy_port),
         "LLAMA_PROXY_RATE_LIMIT": "1000",
-        "POSTGRES_AUTH_DSN": pg_dsn,
+        "POSTGRES_AUTH_DSN": dsn,
     }
+    return gateway
+
+
+@pytest.fixture
+def gateway_home(home: ConsoleHome, pg_dsn: str):
+    """A home in gateway mode whose database is a fresh one in the session's cluster."""
+    gateway = make_gateway_home(home, pg_dsn)
     yield gateway
     gateway.run("stop", timeout=60)

@@ -85,13 +85,13 @@ def test_invalid_port_from_environment_says_so(home):
     assert "LLAMA_SERVER_PORT" in line and "environment" in line
 
 
-def test_restart_with_a_bad_model_leaves_the_running_backend_alone(serving):
-    pid = serving.backend_pid()
-    result = serving.run("restart", "--model", "missing.gguf")
+def test_restart_with_a_bad_model_leaves_the_running_backend_alone(shared_serving):
+    pid = shared_serving.backend_pid()
+    result = shared_serving.run("restart", "--model", "missing.gguf")
     assert result.returncode == 2
     assert "missing.gguf" in error_lines(result)[0]
-    assert serving.backend_pid() == pid
-    assert serving.run("status").returncode == 0
+    assert shared_serving.backend_pid() == pid
+    assert shared_serving.run("status").returncode == 0
 
 
 def test_backend_crash_during_start_shows_the_log_tail(home):

@@ -20,11 +20,11 @@ def test_ten_simultaneous_restarts_leave_one_backend_and_no_orphan(serving):
     assert serving.run("status").returncode == 0
 
 
-def test_ensure_on_a_healthy_system_is_silent(serving):
-    pid = serving.backend_pid()
-    result = serving.run("ensure")
+def test_ensure_on_a_healthy_system_is_silent(shared_serving):
+    pid = shared_serving.backend_pid()
+    result = shared_serving.run("ensure")
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
-    assert serving.backend_pid() == pid
+    assert shared_serving.backend_pid() == pid
 
 
 def test_ensure_brings_back_a_killed_backend(serving):

@@ -28,6 +28,7 @@ from conftest import (
     link_or_copy,
     processes_matching,
     wait_for,
+    wait_until_serving,
 )
 
 from runtime.pgcluster import LocalCluster
@@ -101,12 +102,7 @@ def start_in(home: GatewayHome, recovery: str):
         assert started.returncode == 0, started.stdout + started.stderr
         return None
     supervisor = home.popen("start", "--foreground", LLAMA_RESTART_BACKOFF_SECONDS="0.2")
-    wait_for(
-        lambda: home.run("status").returncode == 0 or supervisor.poll() is not None,
-        timeout=120,
-        what="the foreground stack to serve",
-    )
-    assert supervisor.poll() is None, supervisor.stdout.read()
+    wait_until_serving(home, supervisor, what="the foreground stack")
     return supervisor
 
 
@@ -125,13 +121,11 @@ def test_backend_killed_mid_stream_gives_a_clean_error_and_comes_back(gateway_ho
         assert ensured.returncode == 0, ensured.stdout + ensured.stderr
         assert "ensure: backend was degraded" in ensured.stdout
     wait_for(
-        lambda: (
-            gateway_home.backend_pid() not in (None, killed_pid)
-            and gateway_home.run("status").returncode == 0
-        ),
+        lambda: gateway_home.backend_pid() not in (None, killed_pid),
         timeout=120,
         what="a new backend",
     )
+    wait_until_serving(gateway_home, what="the new backend")
     reply = gateway_home.client(key).completions.create(model="any", prompt="Hi", max_tokens=2)
     assert reply.choices
     assert gateway_home.backend_pids() == [gateway_home.backend_pid()]

@@ -5,19 +5,14 @@ from __future__ import annotations
 import os
 import signal
 
-from conftest import wait_for
+from conftest import wait_for, wait_until_serving
 
 from runtime.procs import is_alive, read_pidfile
 
 
 def start_foreground(home, **env):
     supervisor = home.popen("start", "--foreground", LLAMA_RESTART_BACKOFF_SECONDS="0.2", **env)
-    wait_for(
-        lambda: home.run("status").returncode == 0 or supervisor.poll() is not None,
-        timeout=120,
-        what="the foreground backend to serve",
-    )
-    assert supervisor.poll() is None, supervisor.stdout.read()
+    wait_until_serving(home, supervisor, what="the foreground backend")
     return supervisor
 
 
@@ -25,11 +20,8 @@ def test_crashed_backend_is_restarted(home):
     supervisor = start_foreground(home)
     first = home.backend_pid()
     os.kill(first, signal.SIGKILL)
-    wait_for(
-        lambda: home.backend_pid() not in (None, first) and home.run("status").returncode == 0,
-        timeout=120,
-        what="a restarted backend",
-    )
+    wait_for(lambda: home.backend_pid() not in (None, first), timeout=120, what="a new backend")
+    wait_until_serving(home, what="the restarted backend")
     assert home.backend_pids() == [home.backend_pid()]
     supervisor.send_signal(signal.SIGTERM)
     output = supervisor.communicate(timeout=60)[0]

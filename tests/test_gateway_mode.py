@@ -19,7 +19,13 @@ from pathlib import Path
 import asyncpg
 import openai
 import pytest
-from conftest import TEST_API_KEY, wait_for
+from conftest import (
+    TEST_API_KEY,
+    make_console_home,
+    make_gateway_home,
+    stop_console_home,
+    wait_for,
+)
 
 from proxy.config import load_config
 from runtime.gateway import GatewaySupervisor
@@ -60,47 +66,50 @@ def fetch_rows(dsn: str, where: str = "true") -> list[dict]:
     return asyncio.run(fetch())
 
 
-def test_start_serves_the_model_behind_the_gateway(gateway):
-    status = gateway.run("status")
+def test_start_serves_the_model_behind_the_gateway(shared_gateway):
+    status = shared_gateway.run("status")
     assert status.returncode == 0, status.stdout + status.stderr
     for part in ("database:", "backend:", "gateway:"):
         assert part in status.stdout
-    reply = gateway.client(gateway.new_user("alice")).chat.completions.create(
+    reply = shared_gateway.client(shared_gateway.new_user("alice")).chat.completions.create(
         model="any", messages=MESSAGES, max_tokens=8, seed=1
     )
     assert reply.choices[0].message.content
 
 
-def test_a_streamed_completion_is_logged_with_its_token_counts(gateway):
-    key = gateway.new_user("bob")
-    stream = gateway.client(key).chat.completions.create(
+def test_a_streamed_completion_is_logged_with_its_token_counts(shared_gateway):
+    key = shared_gateway.new_user("bob")
+    stream = shared_gateway.client(key).chat.completions.create(
         model="any", messages=MESSAGES, max_tokens=8, seed=1, stream=True
     )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert "".join(pieces)
     rows = wait_for(
-        lambda: fetch_rows(gateway.dsn, "username = 'bob' AND stream"), what="the logged stream"
+        lambda: fetch_rows(shared_gateway.dsn, "username = 'bob' AND stream"),
+        what="the logged stream",
     )
     assert rows[0]["status_code"] == 200
     assert rows[0]["completion_tokens"] == len([piece for piece in pieces if piece])
     assert rows[0]["path"] == "/v1/chat/completions"
 
 
-def test_a_whole_completion_is_logged_with_usage_from_the_backend(gateway):
-    key = gateway.new_user("carol")
-    reply = gateway.client(key).chat.completions.create(
+def test_a_whole_completion_is_logged_with_usage_from_the_backend(shared_gateway):
+    key = shared_gateway.new_user("carol")
+    reply = shared_gateway.client(key).chat.completions.create(
         model="any", messages=MESSAGES, max_tokens=6, seed=1
     )
-    rows = wait_for(lambda: fetch_rows(gateway.dsn, "username = 'carol'"), what="the logged row")
+    rows = wait_for(
+        lambda: fetch_rows(shared_gateway.dsn, "username = 'carol'"), what="the logged row"
+    )
     assert rows[0]["prompt_tokens"] == reply.usage.prompt_tokens
     assert rows[0]["completion_tokens"] == reply.usage.completion_tokens
 
 
-def test_async_client_streams_through_the_gateway(gateway):
-    key = gateway.new_user("dave")
+def test_async_client_streams_through_the_gateway(shared_gateway):
+    key = shared_gateway.new_user("dave")
 
     async def collect() -> str:
-        client = openai.AsyncOpenAI(base_url=f"{gateway.url}/v1", api_key=key, max_retries=0)
+        client = openai.AsyncOpenAI(base_url=f"{shared_gateway.url}/v1", api_key=key, max_retries=0)
         stream = await client.chat.completions.create(
             model="any", messages=MESSAGES, max_tokens=8, stream=True
         )
@@ -111,19 +120,19 @@ def test_async_client_streams_through_the_gateway(gateway):
     assert asyncio.run(collect())
 
 
-def test_the_backend_key_does_not_open_the_gateway(gateway):
+def test_the_backend_key_does_not_open_the_gateway(shared_gateway):
     with pytest.raises(openai.AuthenticationError):
-        gateway.client(TEST_API_KEY).models.list()
+        shared_gateway.client(TEST_API_KEY).models.list()
 
 
-def test_the_backend_listens_on_loopback_only_and_wants_its_key(gateway):
-    backend = f"http://127.0.0.1:{gateway.port}"
+def test_the_backend_listens_on_loopback_only_and_wants_its_key(shared_gateway):
+    backend = f"http://127.0.0.1:{shared_gateway.port}"
     assert http_get(f"{backend}/v1/models")[0] == 401
     headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
     assert http_get(f"{backend}/v1/models", headers)[0] == 200
     listening = Path("/proc/net/tcp").read_text()
-    assert f"0100007F:{gateway.port:04X}" in listening
-    assert f"00000000:{gateway.port:04X}" not in listening
+    assert f"0100007F:{shared_gateway.port:04X}" in listening
+    assert f"00000000:{shared_gateway.port:04X}" not in listening
 
 
 def test_restart_keeps_the_gateway_up_and_fails_no_request(gateway):
@@ -154,9 +163,9 @@ def test_restart_keeps_the_gateway_up_and_fails_no_request(gateway):
     assert failures == []
 
 
-def test_one_users_flood_does_not_starve_anothers_single_request(gateway):
-    flooder = gateway.client(gateway.new_user("flooder", rate_limit=100), timeout=300)
-    single = gateway.client(gateway.new_user("single"), timeout=300)
+def test_one_users_flood_does_not_starve_anothers_single_request(shared_gateway):
+    flooder = shared_gateway.client(shared_gateway.new_user("flooder", rate_limit=100), timeout=300)
+    single = shared_gateway.client(shared_gateway.new_user("single"), timeout=300)
     finished: list[str] = []
 
     def long_generation(index: int) -> None:
@@ -165,7 +174,7 @@ def test_one_users_flood_does_not_starve_anothers_single_request(gateway):
 
     with ThreadPoolExecutor(17) as pool:
         floods = [pool.submit(long_generation, index) for index in range(16)]
-        wait_for(lambda: gateway.queue_waiting() >= 10, what="the flood to queue up")
+        wait_for(lambda: shared_gateway.queue_waiting() >= 10, what="the flood to queue up")
         single.completions.create(model="any", prompt="Hi", max_tokens=2)
         finished.append("B")
         for flood in floods:
@@ -181,6 +190,22 @@ def gateway(gateway_home):
     return gateway_home
 
 
+@pytest.fixture(scope="module")
+def shared_gateway(tmp_path_factory, fallback_model, pg_databases):
+    """Like gateway, started once for the tests that leave it as they found it (a start of
+    the whole stack costs seconds); each of them makes users of its own."""
+    home = make_console_home(tmp_path_factory.mktemp("gateway") / "home", fallback_model)
+    with pg_databases.empty_database() as dsn:
+        gateway_home = make_gateway_home(home, dsn)
+        try:
+            result = gateway_home.run("start")
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert "behind the gateway" in result.stdout
+            yield gateway_home
+        finally:
+            stop_console_home(gateway_home)
+
+
 def http_post(url: str, key: str, payload: dict) -> tuple[int, str]:
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     request = urllib.request.Request(url, json.dumps(payload).encode(), headers)
@@ -191,33 +216,35 @@ def http_post(url: str, key: str, payload: dict) -> tuple[int, str]:
         return refused.code, refused.read().decode()
 
 
-def test_answers_name_the_model_by_its_file_name_never_by_its_path(gateway):
-    key = gateway.new_user("erin")
+def test_answers_name_the_model_by_its_file_name_never_by_its_path(shared_gateway):
+    key = shared_gateway.new_user("erin")
     auth = {"Authorization": f"Bearer {key}"}
     chat = {"messages": MESSAGES, "max_tokens": 2}
     answers = {
-        "models": http_get(f"{gateway.url}/v1/models", auth),
-        "chat": http_post(f"{gateway.url}/v1/chat/completions", key, chat),
-        "stream": http_post(f"{gateway.url}/v1/chat/completions", key, {**chat, "stream": True}),
-        "completion": http_post(f"{gateway.url}/v1/completions", key, {"prompt": "Hi"}),
+        "models": http_get(f"{shared_gateway.url}/v1/models", auth),
+        "chat": http_post(f"{shared_gateway.url}/v1/chat/completions", key, chat),
+        "stream": http_post(
+            f"{shared_gateway.url}/v1/chat/completions", key, {**chat, "stream": True}
+        ),
+        "completion": http_post(f"{shared_gateway.url}/v1/completions", key, {"prompt": "Hi"}),
     }
     for name, (status, text) in answers.items():
         assert status == 200, (name, text)
-        assert str(gateway.root) not in text, name
+        assert str(shared_gateway.root) not in text, name
         assert f'"{FALLBACK_MODEL_NAME}"' in text, name
 
 
-def test_embeddings_on_a_model_started_without_them_get_400_saying_how(gateway):
-    key = gateway.new_user("frank")
-    status, text = http_post(f"{gateway.url}/v1/embeddings", key, {"input": "hi"})
+def test_embeddings_on_a_model_started_without_them_get_400_saying_how(shared_gateway):
+    key = shared_gateway.new_user("frank")
+    status, text = http_post(f"{shared_gateway.url}/v1/embeddings", key, {"input": "hi"})
     assert status == 400
     assert json.loads(text)["error"]["code"] == "embeddings_disabled"
 
 
-def test_gateway_metrics_count_requests(gateway):
-    key = gateway.new_user("metered")
-    gateway.client(key).models.list()
-    text = http_get(f"{gateway.url}/metrics")[1]
+def test_gateway_metrics_count_requests(shared_gateway):
+    key = shared_gateway.new_user("metered")
+    shared_gateway.client(key).models.list()
+    text = http_get(f"{shared_gateway.url}/metrics")[1]
     assert 'llamagate_requests_total{route="/v1/models",status="200",user="metered"}' in text
 
 

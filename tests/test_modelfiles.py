@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,16 @@ def test_truncated_model_is_refused(tmp_path, fallback_model):
     with pytest.raises(ModelError) as error:
         read_model_info(truncated)
     assert str(truncated) in str(error.value)
+
+
+def test_model_cut_short_inside_its_tensor_data_is_refused(tmp_path, fallback_model):
+    # The header is whole: only the size its tensor table asks for shows the loss.
+    cut = tmp_path / "cut.gguf"
+    shutil.copyfile(fallback_model, cut)
+    os.truncate(cut, fallback_model.stat().st_size - 4096)
+    with pytest.raises(ModelError) as error:
+        read_model_info(cut)
+    assert str(cut) in str(error.value) and "cut short" in str(error.value)
 
 
 def test_empty_file_is_refused(tmp_path):

@@ -17,16 +17,16 @@ def client(home, api_key: str = TEST_API_KEY) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{home.url}/v1", api_key=api_key, max_retries=0)
 
 
-def test_chat_completion_succeeds_with_the_key(serving):
-    reply = client(serving).chat.completions.create(
+def test_chat_completion_succeeds_with_the_key(shared_serving):
+    reply = client(shared_serving).chat.completions.create(
         model="any", messages=MESSAGES, max_tokens=8, seed=1
     )
     assert reply.choices[0].message.content
     assert reply.usage.completion_tokens > 0
 
 
-def test_streamed_chat_completion_succeeds_with_the_key(serving):
-    stream = client(serving).chat.completions.create(
+def test_streamed_chat_completion_succeeds_with_the_key(shared_serving):
+    stream = client(shared_serving).chat.completions.create(
         model="any", messages=MESSAGES, max_tokens=8, seed=1, stream=True
     )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
@@ -35,20 +35,20 @@ def test_streamed_chat_completion_succeeds_with_the_key(serving):
 
 
 @pytest.mark.parametrize("api_key", ["", "wrong-key"])
-def test_requests_without_the_key_get_401(serving, api_key):
+def test_requests_without_the_key_get_401(shared_serving, api_key):
     with pytest.raises(openai.AuthenticationError) as refused:
-        client(serving, api_key or "none").chat.completions.create(
+        client(shared_serving, api_key or "none").chat.completions.create(
             model="any", messages=MESSAGES, max_tokens=4
         )
     assert refused.value.status_code == 401
 
 
-def test_async_streaming_client_works(serving):
+def test_async_streaming_client_works(shared_serving):
     import asyncio
 
     async def collect() -> str:
         async_client = openai.AsyncOpenAI(
-            base_url=f"{serving.url}/v1", api_key=TEST_API_KEY, max_retries=0
+            base_url=f"{shared_serving.url}/v1", api_key=TEST_API_KEY, max_retries=0
         )
         stream = await async_client.chat.completions.create(
             model="any", messages=MESSAGES, max_tokens=8, stream=True
@@ -62,13 +62,13 @@ def test_async_streaming_client_works(serving):
     assert asyncio.run(collect())
 
 
-def test_second_start_says_already_serving_and_exits_0(serving):
-    pid = serving.backend_pid()
-    again = serving.run("start")
+def test_second_start_says_already_serving_and_exits_0(shared_serving):
+    pid = shared_serving.backend_pid()
+    again = shared_serving.run("start")
     assert again.returncode == 0
     assert "already serving" in again.stdout
-    assert serving.backend_pid() == pid
-    assert serving.backend_pids() == [pid]
+    assert shared_serving.backend_pid() == pid
+    assert shared_serving.backend_pids() == [pid]
 
 
 def test_status_reports_serving_then_stopped(serving):
@@ -83,8 +83,8 @@ def test_status_reports_serving_then_stopped(serving):
     assert serving.log_pumps() == []
 
 
-def test_readiness_probes_openapi_never_v1_models(serving):
-    log = (serving.root / "runtime" / "logs" / "backend.log").read_text()
+def test_readiness_probes_openapi_never_v1_models(shared_serving):
+    log = (shared_serving.root / "runtime" / "logs" / "backend.log").read_text()
     assert "GET /openapi.json" in log
     assert "/v1/models" not in log
 
@@ -106,10 +106,10 @@ def test_backend_ignores_host_port_model_and_api_key_from_the_environment(home):
         client(home, "leaked").chat.completions.create(model="any", messages=MESSAGES, max_tokens=2)
 
 
-def test_backend_runs_in_its_own_session_without_the_key_in_argv(serving):
-    cmdline = Path(f"/proc/{serving.backend_pid()}/cmdline").read_bytes().decode()
+def test_backend_runs_in_its_own_session_without_the_key_in_argv(shared_serving):
+    cmdline = Path(f"/proc/{shared_serving.backend_pid()}/cmdline").read_bytes().decode()
     assert "--interrupt_requests\0false" in cmdline
     # Its own process group and session: a console's Ctrl-C or logout never reaches it.
-    assert os.getpgid(serving.backend_pid()) == serving.backend_pid()
-    assert os.getsid(serving.backend_pid()) == serving.backend_pid()
+    assert os.getpgid(shared_serving.backend_pid()) == shared_serving.backend_pid()
+    assert os.getsid(shared_serving.backend_pid()) == shared_serving.backend_pid()
     assert TEST_API_KEY not in cmdline

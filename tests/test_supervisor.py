@@ -134,8 +134,8 @@ def test_backend_log_is_rotated_by_size(home):
     assert (logs / "backend.log").stat().st_size <= 1500 + 1024
 
 
-def test_logs_command_shows_the_backend_log(serving):
-    result = serving.run("logs", "-n", "5")
+def test_logs_command_shows_the_backend_log(shared_serving):
+    result = shared_serving.run("logs", "-n", "5")
     assert result.returncode == 0
     assert 0 < len(result.stdout.splitlines()) <= 5
 
