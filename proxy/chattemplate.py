@@ -6,8 +6,8 @@ a sandboxed environment with trim_blocks and lstrip_blocks, `{% generation %}` t
 ignored, loop controls, a `tojson` that keeps non-ASCII text, and the variables below.
 This module does the same, so that the text it renders is the one the model was given.
 
-The template and the BOS/EOS token texts come from the GGUF header, read here with a
-small reader of the metadata alone (the gguf package would pull numpy into the gateway).
+The template and the BOS/EOS token texts come from the GGUF header, read with
+proxy/ggufheader.py (the gguf package would pull numpy into the gateway).
 When the backend is started with another chat format (`--chat_format` in
 LLAMA_EXTRA_ARGS), or the file has no template, there is nothing to render with.
 """
@@ -15,26 +15,22 @@ LLAMA_EXTRA_ARGS), or the file has no template, there is nothing to render with.
 from __future__ import annotations
 
 import json
-import struct
 from datetime import datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-GGUF_MAGIC = b"GGUF"
+from proxy.ggufheader import HeaderError, read_fields
+
 TEMPLATE_KEY = "tokenizer.chat_template"
 BOS_KEY, EOS_KEY, TOKENS_KEY = (
     "tokenizer.ggml.bos_token_id",
     "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.tokens",
 )
-# GGUF value types: fixed-size scalars by struct format, then string (8) and array (9).
-SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
-SCALARS |= {10: "<Q", 11: "<q", 12: "<d"}
-STRING, ARRAY = 8, 9
 # What the chat handler passes on to the template besides the messages.
 TEMPLATE_ARGUMENTS = ("functions", "function_call", "tools", "tool_choice")
 
@@ -110,8 +106,8 @@ def read_chat_template(path: Path) -> ChatTemplate | None:
     """The chat template of a GGUF file, or None if it has none; TemplateError if unreadable."""
     try:
         with path.open("rb") as file:
-            metadata = read_metadata(file, {TEMPLATE_KEY, BOS_KEY, EOS_KEY, TOKENS_KEY})
-    except (OSError, struct.error, UnicodeDecodeError, TemplateError) as error:
+            _, metadata = read_fields(file, arrays=frozenset({TOKENS_KEY}))
+    except (OSError, HeaderError) as error:
         raise TemplateError(f"cannot read the chat template from {path}: {error}") from None
     source = metadata.get(TEMPLATE_KEY)
     if not isinstance(source, str):
@@ -123,45 +119,3 @@ def read_chat_template(path: Path) -> ChatTemplate | None:
         return tokens[index] if isinstance(index, int) and 0 <= index < len(tokens) else ""
 
     return ChatTemplate(source, text_of(BOS_KEY), text_of(EOS_KEY))
-
-
-def read_metadata(file: BinaryIO, wanted: set[str]) -> dict[str, Any]:
-    """The wanted keys of a GGUF file's metadata (versions 2 and 3); others are skipped."""
-    if file.read(4) != GGUF_MAGIC:
-        raise TemplateError("not a GGUF file")
-    _version, _tensors, count = struct.unpack("<IQQ", file.read(20))
-    found: dict[str, Any] = {}
-    for _ in range(count):
-        key = _read_string(file)
-        (kind,) = struct.unpack("<I", file.read(4))
-        value = _read_value(file, kind, keep=key in wanted)
-        if key in wanted:
-            found[key] = value
-            if len(found) == len(wanted):
-                break
-    return found
-
-
-def _read_string(file: BinaryIO) -> str:
-    (length,) = struct.unpack("<Q", file.read(8))
-    return file.read(length).decode("utf-8", errors="replace")
-
-
-def _read_value(file: BinaryIO, kind: int, keep: bool) -> Any:
-    if kind in SCALARS:
-        form = SCALARS[kind]
-        return struct.unpack(form, file.read(struct.calcsize(form)))[0]
-    if kind == STRING:
-        if not keep:
-            (length,) = struct.unpack("<Q", file.read(8))
-            file.seek(length, 1)
-            return None
-        return _read_string(file)
-    if kind == ARRAY:
-        item_kind, length = struct.unpack("<IQ", file.read(12))
-        if item_kind in SCALARS and not keep:
-            file.seek(length * struct.calcsize(SCALARS[item_kind]), 1)
-            return None
-        items = [_read_value(file, item_kind, keep) for _ in range(length)]
-        return items if keep else None
-    raise TemplateError(f"unknown GGUF value type {kind}")

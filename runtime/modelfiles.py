@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.ggufheader import HeaderError, read_header
+from proxy.ggufheader import HeaderError, read_header
 
 GGUF_MAGIC = b"GGUF"
 

@@ -1,4 +1,4 @@
-"""runtime/ggufheader.py on small hand-made headers: what it reads, skips and refuses."""
+"""proxy/ggufheader.py on small hand-made headers: what it reads, skips and refuses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.ggufheader import HeaderError, read_header
+from proxy.ggufheader import HeaderError, read_header
 
 
 def gguf_string(text: str) -> bytes:

@@ -3,7 +3,9 @@
 gguf's GGUFReader builds a numpy view of every element of every array field (the
 fallback model's vocabulary and merges are ~100,000 strings) and took 3-10 s per file on
 2 cores; `start` reads the model before every launch. This reads the same header with
-struct and skips the arrays, in a few hundred milliseconds at most.
+struct and skips the arrays (but those asked for), in a few hundred milliseconds at most.
+It lives in proxy/ because the gateway reads the chat template with it (proxy/
+chattemplate.py) and must not import the console; the console imports it.
 """
 
 from __future__ import annotations
@@ -38,21 +40,29 @@ class GGUFHeader:
 def read_header(path: Path) -> GGUFHeader:
     """Read path's metadata and tensor table; raise HeaderError if either is broken."""
     with open(path, "rb") as stream:
-        if stream.read(4) != GGUF_MAGIC:
-            raise HeaderError("it does not start with 'GGUF'")
-        version, tensor_count, field_count = _unpack(stream, "<IQQ")
-        if version not in (2, 3):
-            raise HeaderError(f"GGUF version {version} is not supported (only 2 and 3)")
-        fields: dict[str, object] = {}
-        for _ in range(field_count):
-            name = _read_string(stream)
-            fields[name] = _read_value(stream, _unpack(stream, "<I")[0])
+        tensor_count, fields = read_fields(stream)
         tensor_ends = [_read_tensor_end(stream) for _ in range(tensor_count)]
         alignment = fields.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0:
             raise HeaderError(f"general.alignment is {alignment!r}")
         data_start = -(-stream.tell() // alignment) * alignment
     return GGUFHeader(fields, data_start + max(tensor_ends, default=0))
+
+
+def read_fields(
+    stream: BinaryIO, arrays: frozenset[str] = frozenset()
+) -> tuple[int, dict[str, object]]:
+    """The tensor count and the metadata; arrays are None unless named in `arrays`."""
+    if stream.read(4) != GGUF_MAGIC:
+        raise HeaderError("it does not start with 'GGUF'")
+    version, tensor_count, field_count = _unpack(stream, "<IQQ")
+    if version not in (2, 3):
+        raise HeaderError(f"GGUF version {version} is not supported (only 2 and 3)")
+    fields: dict[str, object] = {}
+    for _ in range(field_count):
+        name = _read_string(stream)
+        fields[name] = _read_value(stream, _unpack(stream, "<I")[0], name in arrays)
+    return tensor_count, fields
 
 
 def _unpack(stream: BinaryIO, layout: str) -> tuple:
@@ -71,8 +81,8 @@ def _read_string(stream: BinaryIO) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def _read_value(stream: BinaryIO, value_type: int) -> object:
-    """A scalar or a string; None for an array, which is skipped."""
+def _read_value(stream: BinaryIO, value_type: int, keep_array: bool = False) -> object:
+    """A scalar or a string; None for an array, which is skipped unless kept."""
     if value_type == STRING:
         return _read_string(stream)
     if value_type in SCALAR_FORMATS:
@@ -80,6 +90,8 @@ def _read_value(stream: BinaryIO, value_type: int) -> object:
     if value_type != ARRAY:
         raise HeaderError(f"unknown metadata value type {value_type}")
     item_type, count = _unpack(stream, "<IQ")
+    if keep_array:
+        return [_read_value(stream, item_type, True) for _ in range(count)]
     if item_type in SCALAR_FORMATS:
         stream.seek(count * struct.calcsize(SCALAR_FORMATS[item_type]), 1)
     else:
