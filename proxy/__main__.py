@@ -15,8 +15,9 @@ from proxy.store import StoreError
 
 # Container allocations, less deallocations, between two young collections (CPython's
 # default is 700). A request leaves next to no cyclic garbage, yet at the default a
-# young collection ran every ~10 requests and a middle one every ~100, each pausing
-# whichever request was in flight (0.3 and 2 ms on the 2-core box): the added p99.
+# young collection ran every ~50 requests and a middle one every ~600, each pausing
+# whichever request was in flight (0.5-0.75 and 1-1.5 ms on the 2-core box): the
+# added p99.
 # Raised, young collections run a few times a minute, and each still only walks the
 # objects alive at that moment, so it costs no more; cyclic garbage (an exception's
 # frames, say) waits a little longer to be freed, a few MB at most.
