@@ -13,9 +13,20 @@ from proxy.config import ProxyConfigError, load_config
 from proxy.server import server_options
 from proxy.store import StoreError
 
+# Container allocations, less deallocations, between two young collections (CPython's
+# default is 700). A request leaves next to no cyclic garbage, yet at the default a
+# young collection ran every ~50 requests and a middle one every ~600, each pausing
+# whichever request was in flight (0.5-0.75 and 1-1.5 ms on the 2-core box): the
+# added p99.
+# Raised, young collections run a few times a minute, and each still only walks the
+# objects alive at that moment, so it costs no more; cyclic garbage (an exception's
+# frames, say) waits a little longer to be freed, a few MB at most.
+YOUNG_GC_THRESHOLD = 20_000
+
 
 async def freeze_startup_heap(app: web.Application) -> None:
-    """Exempt what import and startup built from garbage collection, which never frees it.
+    """Exempt what import and startup built from garbage collection, which never frees it,
+    and collect the young generation less often (YOUNG_GC_THRESHOLD).
 
     A full collection walks every object; with these out of the way it takes a few
     milliseconds instead of tens, so it cannot hold up the event loop (and /healthz)
@@ -23,6 +34,8 @@ async def freeze_startup_heap(app: web.Application) -> None:
     """
     gc.collect()
     gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, middle, old)
 
 
 def main() -> int:

@@ -10,6 +10,10 @@ anything awaited after it would be cancelled with them.
 
 The backend's silence is timed here too (SilenceWatch), with one timer per period of
 LLAMA_PROXY_UPSTREAM_TIMEOUT_SECONDS instead of aiohttp's, which it re-arms on every read.
+
+Writes go through ClientWriter: while the client keeps up, a chunk is framed and handed
+to its socket directly, skipping aiohttp's two coroutine layers per write; otherwise it
+is written with its deadline (proxy/deadlines.py).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from proxy.deadlines import write_within
+from proxy.deadlines import fits_in_buffer, write_within
 from proxy.requestlog import RequestRecord
 from proxy.usage import DONE_LINE, UsageCounter
 
@@ -94,6 +98,7 @@ async def pass_chunks(
 ) -> None:
     """Relay the upstream's events to the client until [DONE] or the end of the stream."""
     time_silence_here(upstream)
+    client = ClientWriter(response, transport, write_seconds)
     async with SilenceWatch(silence_seconds) as watch:
         held = b""
         while chunk := await watch.read(upstream.content):
@@ -109,15 +114,51 @@ async def pass_chunks(
                 # would race the client's hang-up and log a finished answer as cut short.
                 start = max(counter.done_offset, 0)
                 if start:
-                    await write_within(response, chunk[:start], write_seconds, transport)
+                    await client.write(chunk[:start])
                 extra = await before_done()
                 record.response_bytes += len(extra)
-                await write_within(response, extra + chunk[start:], write_seconds, transport)
+                await client.write(extra + chunk[start:])
                 return
-            await write_within(response, chunk, write_seconds, transport)
+            await client.write(chunk)
         if held:
             record.response_bytes += len(held)
-            await write_within(response, held, write_seconds, transport)
+            await client.write(held)
+
+
+class ClientWriter:
+    """Writes a stream's chunks to the client, each at once, within the write deadline.
+
+    aiohttp's response.write awaits two coroutines per chunk and checks for a drain;
+    relaying a token costs little more than that. So once the first write has sent the
+    headers, a chunk that leaves the client's socket buffer at or under its low-water
+    mark is framed here (HTTP/1.1 chunked encoding, which is all aiohttp would add) and
+    handed to the socket: nothing can wait, so no deadline is needed (see write_within).
+    Anything else, and every write to a closing socket (which then raises), goes through
+    write_within.
+    """
+
+    def __init__(
+        self,
+        response: web.StreamResponse,
+        transport: asyncio.BaseTransport | None,
+        seconds: float,
+    ) -> None:
+        self.response = response
+        self.transport = transport if isinstance(transport, asyncio.WriteTransport) else None
+        self.seconds = seconds
+        self.is_direct = False  # until a write through aiohttp has sent the headers
+
+    async def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and self.is_direct and fits_in_buffer(transport, len(data)):
+            transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            return
+        await write_within(self.response, data, self.seconds, transport)
+        self.is_direct = (
+            transport is not None
+            and not self.response.compression
+            and self.response.headers.get("Transfer-Encoding") == "chunked"
+        )
 
 
 def split_done_prefix(chunk: bytes) -> tuple[bytes, bytes]:

@@ -25,6 +25,7 @@ DONE_LINE = b"data: [DONE]"
 TEXT_KEYS = (b'"content": "', b'"content":"', b'"text": "', b'"text":"')
 EMPTY_TEXTS = (b'"content": ""', b'"content":""', b'"text": ""', b'"text":""')
 USAGE_KEYS = (b'"usage": {', b'"usage":{')
+USAGE_MARK = b'"usage"'
 # What a usage event of the gateway's own copies from the stream's first event.
 STREAM_FIELDS = ("id", "object", "created", "model")
 
@@ -73,7 +74,8 @@ class UsageCounter:
         self.content_chunks += sum(map(count, TEXT_KEYS)) - sum(map(count, EMPTY_TEXTS))
         if self.stream_fields is None and lines.startswith(b"data:"):
             self._take_first_event(lines.split(b"\n", 1)[0][5:])
-        if any(key in lines for key in USAGE_KEYS):
+        # One scan for the common case, a token event, before the exact keys.
+        if USAGE_MARK in lines and any(key in lines for key in USAGE_KEYS):
             for line in lines.split(b"\n"):
                 if line.startswith(b"data:") and any(key in line for key in USAGE_KEYS):
                     with contextlib.suppress(ValueError, TypeError, AttributeError):

@@ -17,6 +17,7 @@ from rawhttp import request_bytes
 
 from proxy import deadlines
 from proxy.deadlines import ClientTooSlow, write_within
+from proxy.relay import ClientWriter
 
 pytest_plugins = ["gatewayfixture", "hostilefixture"]
 pytestmark = pytest.mark.usefixtures("no_error_is_logged")
@@ -112,9 +113,18 @@ class BufferedTransport(asyncio.WriteTransport):
     def is_closing(self) -> bool:
         return False
 
+    def write(self, data: bytes) -> None:
+        self.sent = getattr(self, "sent", b"") + data
+
 
 class Answer:
-    """A response whose writes return at once, or, if `is_stuck`, never (a full client)."""
+    """A response whose writes return at once, or, if `is_stuck`, never (a full client).
+
+    Like aiohttp's for a stream to an HTTP/1.1 client: chunked, not compressed.
+    """
+
+    compression = False
+    headers = {"Transfer-Encoding": "chunked"}
 
     def __init__(self, is_stuck: bool = False) -> None:
         self.is_stuck = is_stuck
@@ -143,3 +153,29 @@ async def test_a_write_past_the_low_water_mark_still_has_its_deadline():
     transport = BufferedTransport(16 * 1024 - 10)  # 10 bytes under: a 100-byte write is not
     with pytest.raises(ClientTooSlow, match="LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"):
         await asyncio.wait_for(write_within(Answer(is_stuck=True), b"x" * 100, 0.05, transport), 5)
+
+
+@pytest.mark.asyncio
+async def test_relayed_chunks_after_the_first_go_straight_to_a_client_that_keeps_up():
+    answer, transport = Answer(), BufferedTransport(0)
+    client = ClientWriter(answer, transport, 30.0)
+    for index in range(50):
+        await client.write(b"data: %d\n\n" % index)
+    # The first write sends aiohttp's headers; the others skip its two coroutines each,
+    # framed exactly as aiohttp frames a chunk.
+    assert answer.written == [b"data: 0\n\n"]
+    expected = b"".join(
+        b"%x\r\ndata: %d\n\n\r\n" % (len(b"data: %d\n\n" % i), i) for i in range(1, 50)
+    )
+    assert transport.sent == expected
+
+
+@pytest.mark.asyncio
+async def test_a_relayed_chunk_past_the_low_water_mark_still_has_its_deadline():
+    answer, transport = Answer(), BufferedTransport(0)
+    client = ClientWriter(answer, transport, 0.05)
+    await client.write(b"data: first\n\n")
+    answer.is_stuck, transport.buffered = True, 16 * 1024 - 10
+    with pytest.raises(ClientTooSlow, match="LLAMA_PROXY_CLIENT_TIMEOUT_SECONDS"):
+        await asyncio.wait_for(client.write(b"x" * 100), 5)
+    assert not hasattr(transport, "sent")
