@@ -218,7 +218,12 @@ def load_settings(
     if values["LLAMA_N_THREADS"] is None:
         replicas = values["LLAMA_SERVER_REPLICAS"]
         values["LLAMA_N_THREADS"] = default_threads(replicas, cpu_count)
-        sources["LLAMA_N_THREADS"] = f"default (the cores ÷ {replicas} replica(s))"
+        # Say where the empty value came from (config.env writes every key), and what it meant.
+        given = sources["LLAMA_N_THREADS"]
+        share = f"the cores ÷ {replicas} replica(s)"
+        sources["LLAMA_N_THREADS"] = (
+            f"default ({share})" if given == "default" else f"{given} (empty: {share})"
+        )
     sections = {
         "server": build(ServerKeys, values),
         "console": build(ConsoleKeys, values),

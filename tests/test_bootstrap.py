@@ -69,7 +69,8 @@ def test_rendered_config_parses_back_to_the_defaults_with_the_key(paths):
     assert settings["LLAMA_API_KEY"] == "my-api-key-0123456789"
     defaults = load_settings(Paths(root=paths.root / "empty"), {}, {})
     for key in KEYS:
-        assert settings.source_of(key.name) == str(paths.config_env)
+        # LLAMA_N_THREADS is written empty, and says what empty meant after the path.
+        assert settings.source_of(key.name).startswith(str(paths.config_env)), key.name
         if key.name != "LLAMA_API_KEY":
             assert settings[key.name] == defaults[key.name], key.name
 
