@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import threading
 import time
 import urllib.request
@@ -32,20 +31,12 @@ from gatewayload import ShortRequestLoad, long_completion, read_stream
 from pgfixture import fresh_database
 
 from runtime.backend import is_answering
+from runtime.bench.stack import is_port_free
 from runtime.procs import read_pidfile
 from runtime.replicas import default_threads
 from runtime.settings import FALLBACK_MODEL_NAME
 
 NAMES = ("backend", "backend-1")
-
-
-def is_port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def two_free_ports() -> int:
