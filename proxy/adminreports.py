@@ -107,18 +107,29 @@ def usage(
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @pass_env
 def prune(env: AdminEnv, older_than: timedelta, yes: bool) -> None:
-    """Delete request-log rows older than AGE (s, m, h, d or w).
+    """Delete request-log rows older than AGE (s, m, h, d or w), and daily token totals
+    older than AGE that the quotas no longer read.
+
+    The token totals of the current and the previous UTC month are always kept, whatever
+    AGE: the monthly quota sums the days of the month.
 
     \b
     Example:
         bin/user_management_cli.sh prune --older-than 90d -y    # e.g. nightly from cron
     """
+    age = describe_duration(older_than)
     if not yes:
-        count = run(env, functools.partial(reports.count_older_requests, older_than=older_than))
-        age = describe_duration(older_than)
-        click.confirm(f"delete {count} request-log row(s) older than {age}?", abort=True)
+        rows = run(env, functools.partial(reports.count_older_requests, older_than=older_than))
+        days = run(env, functools.partial(reports.count_older_token_days, older_than=older_than))
+        click.confirm(
+            f"delete {rows} request-log row(s) and {days} daily token total(s) older than {age}?",
+            abort=True,
+        )
     deleted = run(env, functools.partial(reports.prune, older_than=older_than))
-    click.echo(f"deleted {deleted} request-log row(s) older than {describe_duration(older_than)}")
+    days = run(env, functools.partial(reports.prune_token_days, older_than=older_than))
+    click.echo(
+        f"deleted {deleted} request-log row(s) and {days} daily token total(s) older than {age}"
+    )
 
 
 REPORT_COMMANDS = (usage, prune)

@@ -1,6 +1,6 @@
 """Usage reports from the request log: requests, errors, tokens and latency, grouped by
-user, UTC day or model, over a span of time; and pruning old rows. Plain async functions
-of one connection.
+user, UTC day or model, over a span of time; and pruning old request rows and daily token
+totals. Plain async functions of one connection.
 
 Each group is one SQL expression over llama_requests, chosen from a fixed table (never
 from the caller's text), so the query stays a single GROUP BY on the indexed created_at.
@@ -122,4 +122,33 @@ async def prune(conn: asyncpg.Connection, older_than: timedelta) -> int:
     status = await conn.execute(
         "DELETE FROM llama_requests WHERE created_at < now() - $1::interval", older_than
     )
+    return int(status.split()[-1])
+
+
+# Daily token totals prune may delete: older than the age asked for, and older than the
+# previous UTC month. llamagate_charge_tokens (m007) sums the days of the charged day's
+# month into month_used, and a gateway charges its own clock's day: the current month,
+# or the previous one for a charge made just before midnight on the first and flushed
+# after, or a gateway whose clock lags. So both months stay, whatever the age.
+PRUNABLE_TOKEN_DAYS = """
+    day < least(
+        ((now() - $1::interval) AT TIME ZONE 'UTC')::date,
+        (date_trunc('month', now() AT TIME ZONE 'UTC') - interval '1 month')::date
+    )
+"""
+
+
+async def count_older_token_days(conn: asyncpg.Connection, older_than: timedelta) -> int:
+    """How many daily token totals prune would delete."""
+    return await conn.fetchval(
+        f"SELECT count(*) FROM token_days WHERE {PRUNABLE_TOKEN_DAYS}", older_than
+    )
+
+
+async def prune_token_days(conn: asyncpg.Connection, older_than: timedelta) -> int:
+    """Delete daily token totals older than `older_than` that no quota reads any more (see
+    PRUNABLE_TOKEN_DAYS); return how many."""
+    if older_than <= timedelta(0):
+        raise InvalidValue("prune needs a positive age, such as 90d")
+    status = await conn.execute(f"DELETE FROM token_days WHERE {PRUNABLE_TOKEN_DAYS}", older_than)
     return int(status.split()[-1])

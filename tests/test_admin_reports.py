@@ -1,14 +1,15 @@
-"""usage --by user|day|model with --since/--until, as JSON, CSV and a table, on seeded rows."""
+"""usage --by user|day|model with --since/--until, as JSON, CSV and a table, on seeded rows;
+and what prune keeps of the daily token totals."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_admin import invoke, log_requests
+from test_admin import invoke, log_requests, query
 
 
 def at(text: str) -> datetime:
@@ -136,3 +137,34 @@ def test_usage_refuses_a_bad_grouping_or_span_naming_it(
 
     assert result.exit_code == 2
     assert result.stderr.startswith(message)
+
+
+def test_prune_deletes_old_token_days_but_keeps_what_the_monthly_quota_reads(
+    pg_dsn: str,
+) -> None:
+    today = datetime.now(UTC).date()
+    previous_month = (today.replace(day=1) - timedelta(days=1)).replace(day=1)
+    days = {
+        today - timedelta(days=100): 1,
+        previous_month - timedelta(days=1): 10,  # the month before the previous one
+        previous_month: 100,
+        today: 1000,
+    }
+    invoke(pg_dsn, "init-db")
+    for day, tokens in days.items():
+        query(pg_dsn, "INSERT INTO token_days VALUES ('alice', $1, $2)", day, tokens)
+    month_used = "SELECT month_used FROM llamagate_charge_tokens('{alice}', '{0}', $1, 60, 'x')"
+    used_before = query(pg_dsn, month_used, [today])[0][0]
+
+    by_age = invoke(pg_dsn, "prune", "--older-than", "90d", "-y")
+    kept_by_age = {row[0] for row in query(pg_dsn, "SELECT day FROM token_days")}
+    by_month = invoke(pg_dsn, "prune", "--older-than", "1d", "-y")
+
+    assert "and 1 daily token total(s) older than 90 days" in by_age.stdout
+    assert kept_by_age == set(days) - {today - timedelta(days=100)}
+    assert "and 1 daily token total(s) older than 1 day" in by_month.stdout
+    assert {row[0] for row in query(pg_dsn, "SELECT day FROM token_days")} == {
+        previous_month,
+        today,
+    }
+    assert query(pg_dsn, month_used, [today])[0][0] == used_before
