@@ -20,6 +20,8 @@ from aiohttp import web
 from proxy import appkeys, handlers, health, store, tokenstore
 from proxy.auth import AuthCache, Authenticator, listen_for_changes
 from proxy.authlimit import AuthFailureLimiter
+from proxy.chargebacklog import ChargeBacklog
+from proxy.chargespool import ChargeSpool, charge_spool_path
 from proxy.chattemplate import ChatTemplate, TemplateError, read_chat_template
 from proxy.config import ProxyConfig
 from proxy.deadlines import Deadlines
@@ -143,6 +145,14 @@ async def rate_limiter(app: web.Application) -> AsyncIterator[None]:
 async def token_limiter(app: web.Application) -> AsyncIterator[None]:
     pool, config = app[appkeys.POOL], app[appkeys.CONFIG]
     limiter = TokenLimiter(lambda *batch: tokenstore.charge_tokens(pool, *batch))
+    # Charges the database does not take wait on disk, beside the request log's spool.
+    limiter.backlog = ChargeBacklog(
+        ChargeSpool(charge_spool_path(config.spool_path), config.spool_max_bytes),
+        lambda batches: tokenstore.replay_charges(
+            pool, batches, limiter.WINDOW, limiter.gateway_id
+        ),
+        lambda batch_ids: tokenstore.forget_replays(pool, batch_ids),
+    )
     app[appkeys.TOKEN_LIMITER] = limiter
     tasks = [
         asyncio.create_task(limiter.run()),

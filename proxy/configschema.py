@@ -379,7 +379,7 @@ class GatewayKeys:
         "512",
         parse_positive_int,
         "largest size of the request-log spool file (rows waiting for the database); "
-        "rows beyond it are dropped and counted",
+        "rows beyond it are dropped and counted. The token charge spool has the same cap",
     )
     metrics_token: str = setting(
         "LLAMA_PROXY_METRICS_TOKEN",

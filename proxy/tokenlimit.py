@@ -15,7 +15,9 @@ together. What keeps it cheap:
 - Refusals never need the database: other gateways only ever add charges.
 While the notifications are not heard, every user counts as shared. If the database is
 unreachable, each gateway counts alone from its view, as the request limit does, and
-keeps its charges to write them once the database answers.
+parks its charges on disk (proxy/chargebacklog.py) to replay them, exactly once, before
+anything new once the database answers: they survive a stop or a crash of the gateway,
+as the request rows of the same requests do (proxy/spool.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, date, datetime
 
 from proxy import store, tokenstore
+from proxy.chargebacklog import ChargeBacklog
 from proxy.flushloop import flush_forever
 from proxy.outage import log_limiter_database
 from proxy.tokenbudget import TokenDecision, TokenLimits, TokenView, day_of, decide, next_day
@@ -55,8 +58,14 @@ class TokenLimiter:
     RETRY_SECONDS = 1.0  # while the database is down, how often a request may try it
     WINDOW = 60.0
 
-    def __init__(self, sync: SyncTokens, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        sync: SyncTokens,
+        clock: Callable[[], float] = time.time,
+        backlog: ChargeBacklog | None = None,
+    ) -> None:
         self.sync = sync
+        self.backlog = backlog  # None: unsent charges only wait in memory
         self.clock = clock
         self.gateway_id = uuid.uuid4().hex[:16]
         self.views: dict[str, TokenView] = {}
@@ -154,31 +163,66 @@ class TokenLimiter:
         await flush_forever(self.flush, self.wakeup, self.FLUSH_SECONDS, "token limits")
 
     async def flush(self) -> None:
-        """Send the charges and reads gathered so far in one round trip; wake their waiters."""
+        """Replay parked charges, then send the charges and reads gathered so far in one
+        round trip; wake their waiters."""
         charges, self.charges = self.charges, defaultdict(int)
         reads, self.reads = self.reads, set()
         waiters, self.waiters = self.waiters, []
-        if not charges and not reads:
-            _wake(waiters)
-            return
-        users, tokens, days = _batch(charges, reads, day_of(self.clock()))
+        started = self.clock()
         try:
-            answers = await self.sync(users, tokens, days, self.WINDOW, self.gateway_id)
+            answers = await self._exchange(charges, reads)
         except BaseException as error:
-            for key, count in charges.items():  # kept for the next flush
-                self.charges[key] += count
             _wake(waiters)  # they go on with this gateway's own view
             if not isinstance(error, Exception):
-                raise  # cancelled, at shutdown
+                self._hold(charges)  # cancelled, at shutdown: close() keeps them
+                raise
             if not isinstance(error, store.UNAVAILABLE_ERRORS):
                 log.error("token limits: the database refuses the charges: %s", error)
             self._note_database(is_down=True, error=error)
+            await self._keep(started, charges)
             return
-        self._note_database(is_down=False)
-        for usage in answers:
+        if answers is None:  # behind parked charges not yet replayed
+            await self._keep(started, charges)
+        for usage in answers or ():
             if usage.username in self.views or usage.username in reads:
                 self._take(usage)
         _wake(waiters)
+
+    async def _exchange(
+        self, charges: dict[tuple[str, date], int], reads: set[str]
+    ) -> list[tokenstore.TokenUsage] | None:
+        """The database's answers; None if the charges were not sent (they must wait
+        behind parked ones). Raises what the database raises."""
+        if not await self._replay_backlog():
+            return None
+        if not charges and not reads:
+            return []
+        users, tokens, days = _batch(charges, reads, day_of(self.clock()))
+        answers = await self.sync(users, tokens, days, self.WINDOW, self.gateway_id)
+        self._note_database(is_down=False)
+        return answers
+
+    async def _replay_backlog(self) -> bool:
+        """True once no parked charge waits; tries the database once a RETRY_SECONDS."""
+        if self.backlog is None or not await self.backlog.has_pending():
+            return True
+        if self.is_database_down and self.clock() < self.retry_at:
+            return False
+        is_done = await self.backlog.replay()
+        self._note_database(is_down=False)
+        return is_done
+
+    async def _keep(self, at: float, charges: dict[tuple[str, date], int]) -> None:
+        """Unsent charges: parked on disk if possible, else in memory for the next flush."""
+        if not charges:
+            return
+        if self.backlog is not None and await self.backlog.park(at, charges):
+            return
+        self._hold(charges)
+
+    def _hold(self, charges: dict[tuple[str, date], int]) -> None:
+        for key, count in charges.items():
+            self.charges[key] += count
 
     def _sweep(self) -> None:
         """Forget views no request has refreshed lately; they are read again when needed."""
@@ -219,11 +263,15 @@ class TokenLimiter:
 
     async def close(self) -> None:
         """Write what is still unsent, if the database takes it soon: a stalled one must
-        not hold up the shutdown."""
+        not hold up the shutdown. What it does not take is parked on disk."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.flush(), CLOSE_SECONDS)
+        charges, self.charges = self.charges, defaultdict(int)
+        await self._keep(self.clock(), charges)
         if self.charges:
             log.warning("token limits: %d charges not written at shutdown", len(self.charges))
+        if self.backlog is not None:
+            self.backlog.close()
 
 
 def _batch(
