@@ -218,6 +218,28 @@ async def test_charges_the_database_fails_are_parked_and_replayed_once_by_the_ne
     assert await db.fetchval("SELECT sum(tokens) FROM token_days") == 16
 
 
+@pytest.mark.asyncio
+async def test_charges_that_do_not_fit_the_spool_wait_in_memory_instead_of_being_lost(
+    db: asyncpg.Pool, tmp_path: Path
+) -> None:
+    outage = Outage(db)
+    outage.is_down = True
+    limiter = TokenLimiter(outage)
+    full = ChargeSpool(tmp_path / "charges.jsonl", 10)  # smaller than any line
+    limiter.backlog = make_backlog(db, full)
+    limiter.charge("alice", 10)
+    await limiter.flush()
+    assert dict(limiter.charges) == {("alice", datetime.now(UTC).date()): 10}
+    assert "is full" in limiter.backlog.error
+
+    outage.is_down = False
+    await limiter.flush()
+    await limiter.close()
+
+    assert not limiter.charges
+    assert await db.fetchval("SELECT sum(tokens) FROM token_days") == 10
+
+
 def make_backlog(db: asyncpg.Pool, spool: ChargeSpool) -> ChargeBacklog:
     return ChargeBacklog(
         spool,
