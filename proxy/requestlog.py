@@ -1,15 +1,16 @@
 """The request log: one row per request in llama_requests, written off the request path.
 
 Requests only append a tuple to a buffer. A background task writes the buffer in
-batches (one INSERT ... SELECT unnest per batch). If PostgreSQL is unavailable
-(proxy/outage.py), batches go to the spool (proxy/spool.py), and while the database is
-known to be down the log only appends there: it tries the database again with one cheap
-probe a second, not with the rows. Once the probe answers, the spool is replayed, oldest
-first, in chunks read on the spool's thread, at most REPLAY_SECONDS_PER_FLUSH per flush,
-so that the event loop keeps answering; new rows wait in memory behind the replay. Rows
-the database refuses for good (data errors) are set aside in a `.rejected` file. Closing
-flushes what is left, to the spool if need be. Repeated anonymous refusals are folded
-into one row each second (proxy/refusals.py).
+batches: one INSERT per batch, its rows sent as one JSON text encoded a slice at a time
+(proxy/logbatch.py), so that no step of the flush holds up a request for long. If
+PostgreSQL is unavailable (proxy/outage.py), batches go to the spool (proxy/spool.py),
+and while the database is known to be down the log only appends there: it tries the
+database again with one cheap probe a second, not with the rows. Once the probe
+answers, the spool is replayed, oldest first, in chunks read on the spool's thread, at
+most REPLAY_SECONDS_PER_FLUSH per flush, so that the event loop keeps answering; new rows
+wait in memory behind the replay. Rows the database refuses for good (data errors) are
+set aside in a `.rejected` file. Closing flushes what is left, to the spool if need be.
+Repeated anonymous refusals are folded into one row each second (proxy/refusals.py).
 
 If the spool cannot be written either (a full or read-only disk), rows wait in memory,
 up to MAX_BUFFERED_ROWS; beyond that, as beyond the spool's size cap, rows are dropped,
@@ -40,7 +41,7 @@ BATCH_MAX_ROWS = 2000
 MAX_BUFFERED_ROWS = 50_000
 PROBE_INTERVAL_SECONDS = 1.0  # while the database is down: how often to try it again
 REPLAY_SECONDS_PER_FLUSH = 1.0  # then the new rows get their turn
-# Smaller than a batch: encoding a chunk for asyncpg runs on the event loop, in one go.
+# Rows per replayed chunk, and so per committed spool offset: a crash resends at most one.
 REPLAY_CHUNK_ROWS = 500
 
 InsertRows = Callable[[Sequence[Row]], Awaitable[None]]

@@ -247,6 +247,34 @@ async def test_replay_cut_short_resumes_after_the_last_committed_chunk(db, tmp_p
     assert [r["request_id"] for r in stored] == [f"request-{n}" for n in range(5)]
 
 
+@pytest.mark.asyncio
+async def test_a_spool_written_by_older_versions_replays_into_the_table(db, tmp_path):
+    """Lines exactly as earlier gateways wrote them (json.dumps: ASCII escapes, spaces; the
+    oldest without repeat_count) still land, value for value, through today's insert."""
+    path = tmp_path / "requests.spool"
+    path.write_bytes(
+        b'["old-1", "2026-01-01T00:00:01+00:00", "alice", "0123456789ab", "POST", '
+        b'"/v1/chat/completions", 200, 12.5, 0.25, 10, 20, "mod\\u00e8le \\\\x00", true, 3, '
+        b'4, "127.0.0.1", null]\n'
+        b'["old-2", "2026-01-01T09:00:02+09:00", null, null, "GET", "/v1/\\ud83d\\ude00", '
+        b'401, 0.5, null, 0, 30, null, null, null, null, "::1", "invalid key", 7]\n'
+    )
+    await RequestLog(lambda rows: store.insert_requests(db, rows), Spool(path)).flush()
+    stored = {row["request_id"]: row for row in await log_rows(db)}
+    assert not path.exists()
+    first, second = stored["old-1"], stored["old-2"]
+    assert first["created_at"] == datetime(2026, 1, 1, 0, 0, 1, tzinfo=UTC)
+    assert (first["model"], first["stream"], first["repeat_count"]) == ("modèle \\x00", True, 1)
+    assert (first["duration_ms"], first["queue_ms"], first["completion_tokens"]) == (12.5, 0.25, 4)
+    assert second["created_at"] == datetime(2026, 1, 1, 0, 0, 2, tzinfo=UTC)
+    assert (second["username"], second["path"]) == (None, "/v1/😀")
+    assert (second["status_code"], second["repeat_count"], second["error"]) == (
+        401,
+        7,
+        "invalid key",
+    )
+
+
 # --- through the gateway, against the real database -------------------------------------
 
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import time
 from datetime import UTC, datetime, timedelta, timezone
+from http import HTTPStatus
 
 import pytest
 
 from proxy import store
+from proxy.outage import Failure, classify
 
 
 @pytest.mark.asyncio
@@ -61,3 +65,65 @@ async def test_request_rows_land_exactly_whatever_their_text_numbers_and_times(p
         for column, value in zip(store.REQUEST_COLUMNS, row, strict=True):
             assert record[column] == value, column
             assert type(record[column]) is type(value), column
+
+
+@pytest.fixture
+def local_time_in_tokyo(monkeypatch):
+    """Local time that is not the database's UTC, so that a naive time shows which it is."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.asyncio
+async def test_request_rows_keep_special_floats_control_characters_and_naive_times(
+    pg_dsn, local_time_in_tokyo
+):
+    """What only an encoder of our own could get wrong: NaN and infinities, control
+    characters JSON escapes, a naive time (local, as asyncpg takes it), an int subclass."""
+    controls = "bell \x07, escape \x1b, delete \x7f, separator \u2028, " + "\\x00 \\ud800"
+    naive = datetime(2026, 1, 2, 3, 4, 5, 6)
+    rows = [
+        ("r-1", naive, controls, None, "POST", controls, HTTPStatus.OK, math.inf, -math.inf,
+         0, 0, None, None, None, None, None, None, 1),
+        ("r-2", naive, None, None, "POST", "/", 200, math.nan, -0.0, 0, 0, None, None,
+         None, None, None, None, 1),
+    ]  # fmt: skip
+    pool = await store.create_pool(pg_dsn)
+    try:
+        await store.insert_requests(pool, rows)
+        stored = await pool.fetch("SELECT * FROM llama_requests ORDER BY request_id")
+    finally:
+        await pool.close()
+    first, second = stored
+    assert first["created_at"] == naive.astimezone(UTC)
+    assert first["username"] == first["path"] == controls
+    assert first["status_code"] == 200
+    assert (first["duration_ms"], first["queue_ms"]) == (math.inf, -math.inf)
+    assert math.isnan(second["duration_ms"]) and second["queue_ms"] == 0.0
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "bad_value",
+    [{"a": "dict"}, "NUL \x00 unescaped", "lone \ud800 surrogate", "not a number"],
+    ids=["dict", "nul", "surrogate", "text-in-int-column"],
+)
+async def test_a_row_the_database_can_never_take_is_a_data_failure(pg_dsn, bad_value):
+    """Set aside by the request log (proxy/outage.py), not retried for ever as if the
+    database were down, whichever side refuses it: the encoder, asyncpg or PostgreSQL."""
+    column = "status_code" if bad_value == "not a number" else "path"
+    row = dict.fromkeys(store.REQUEST_COLUMNS)
+    row.update(request_id="r-bad", created_at=datetime.now(UTC), method="GET", path="/")
+    row.update(status_code=200, duration_ms=1.0, request_bytes=0, response_bytes=0)
+    row.update({column: bad_value}, repeat_count=1)
+    pool = await store.create_pool(pg_dsn)
+    try:
+        with pytest.raises(Exception) as refused:
+            await store.insert_requests(pool, [tuple(row.values())])
+        assert await pool.fetchval("SELECT count(*) FROM llama_requests") == 0
+    finally:
+        await pool.close()
+    assert classify(refused.value) is Failure.DATA, repr(refused.value)
