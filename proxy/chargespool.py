@@ -4,7 +4,8 @@ The token limiter's counterpart of the request log's spool (proxy/spool.py), bes
 and with the same discipline: an append-only file of JSON lines, one line per flush that
 failed, and next to it `<file>.offset`, the byte offset up to which lines are in the
 database, rewritten atomically after each replayed chunk. Once the offset reaches the
-end, both files are removed. A line is
+end, both files are removed (proxy/linefile.py keeps the file, its offset and its
+thread for both spools). A line is
 
     {"id": "<batch id>", "at": <epoch seconds>, "charges": [["alice", "2026-11-30", 12], ...]}
 
@@ -21,17 +22,14 @@ Files are created 0600 and a missing directory 0700: the lines name users.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import os
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Any
+
+from proxy.linefile import LineFile, append_within
 
 log = logging.getLogger(__name__)
 
@@ -65,123 +63,40 @@ def charge_spool_path(request_spool: Path) -> Path:
     return request_spool.with_name(f"{request_spool.stem}.charges.jsonl")
 
 
-class ChargeSpool:
+class ChargeSpool(LineFile):
     """The charge spool file and its replay offset; see the module docstring."""
 
     def __init__(self, path: Path, max_bytes: int) -> None:
-        self.path = path
-        self.offset_path = path.with_name(path.name + ".offset")
+        super().__init__(path, label="token limits", kind="charge spool")
         self.max_bytes = max_bytes
-        self._executor: ThreadPoolExecutor | None = None
-
-    async def _on_thread(self, function: Callable[..., Any], *args: Any) -> Any:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chargespool")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
-
-    def close(self) -> None:
-        """Let the spool's thread end (after its queued work)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
     async def append(self, batch: ChargeBatch) -> bool:
         """Write one batch durably; False if it does not fit under max_bytes.
         Raises OSError if the disk refuses it."""
-        return await self._on_thread(self._append, encode_batch(batch))
-
-    def _append(self, line: bytes) -> bool:
-        _make_private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            size = os.fstat(fd).st_size
-            # Ends a line torn by a crash, so that it does not swallow this one.
-            prefix = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
-            if size + len(prefix) + len(line) > self.max_bytes:
-                return False
-            os.write(fd, prefix + line)
-            os.fsync(fd)
-            return True
-        finally:
-            os.close(fd)
+        lines = [encode_batch(batch)]
+        return await self.on_thread(append_within, self.path, lines, self.max_bytes) == 1
 
     async def has_batches(self) -> bool:
         """Batches not yet replayed; False if there is no file."""
-        return await self._on_thread(self._has_batches)
-
-    def _has_batches(self) -> bool:
-        try:
-            return self.path.stat().st_size > self._read_offset()
-        except (FileNotFoundError, NotADirectoryError):
-            return False
+        return await self.on_thread(self.has_lines)
 
     async def read_chunk(self, max_batches: int) -> ChargeChunk:
         """The next batches after the committed offset. Raises OSError if unreadable."""
-        return await self._on_thread(self._read_chunk, max_batches)
+        return await self.on_thread(self._read_chunk, max_batches)
 
     def _read_chunk(self, max_batches: int) -> ChargeChunk:
-        chunk = ChargeChunk(end=self._read_offset())
-        with open(self.path, "rb") as spool:
-            spool.seek(chunk.end)
-            while len(chunk.batches) < max_batches:
-                line = spool.readline()
-                if not line:
-                    break
-                chunk.end += len(line)
-                if not line.strip():
-                    continue  # the newline that ended a torn line
-                if not line.endswith(b"\n"):
-                    # Appends run on this same thread, so none is half done now: the
-                    # line was torn by a crash, and its charges are lost with it.
-                    log.warning(
-                        "token limits: skipping a torn charge spool line at byte %d", chunk.end
-                    )
-                    continue
-                batch = decode_batch(line)
-                if batch is None:
-                    log.warning(
-                        "token limits: skipping an unreadable charge spool line ending at byte %d",
-                        chunk.end,
-                    )
-                    continue
-                chunk.batches.append(batch)
+        lines, end = self.read_lines(max_batches)
+        chunk = ChargeChunk(end=end)
+        for line, line_end in lines:
+            batch = decode_batch(line)
+            if batch is None:
+                log.warning(
+                    "token limits: skipping an unreadable charge spool line ending at byte %d",
+                    line_end,
+                )
+                continue
+            chunk.batches.append(batch)
         return chunk
-
-    async def commit(self, offset: int) -> bool:
-        """Record batches up to offset as saved; True if the spool is now empty (and removed)."""
-        return await self._on_thread(self._commit, offset)
-
-    def _commit(self, offset: int) -> bool:
-        if offset >= self.path.stat().st_size:
-            # The offset file first: a crash in between leaves a spool without an
-            # offset, replayed again in full and refused by batch id, never an offset
-            # that would skip the lines of a later spool.
-            self.offset_path.unlink(missing_ok=True)
-            self.path.unlink()
-            return True
-        partial = self.offset_path.with_name(self.offset_path.name + ".new")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, str(offset).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(partial, self.offset_path)
-        return False
-
-    def _read_offset(self) -> int:
-        try:
-            offset = int(self.offset_path.read_text() or 0)
-        except FileNotFoundError:
-            return 0
-        except ValueError:
-            # Replaying from the start is safe: the batch ids refuse what was applied.
-            log.warning(
-                "token limits: %s is unreadable; replaying from the start", self.offset_path
-            )
-            return 0
-        size = self.path.stat().st_size if self.path.exists() else 0
-        return offset if 0 <= offset <= size else 0  # an offset of an older, longer spool
 
 
 def encode_batch(batch: ChargeBatch) -> bytes:
@@ -204,9 +119,3 @@ def decode_batch(line: bytes) -> ChargeBatch | None:
     if not isinstance(batch_id, str) or not batch_id or any(c[2] <= 0 for c in charges):
         return None
     return ChargeBatch(batch_id, at, charges)
-
-
-def _make_private_dir(directory: Path) -> None:
-    if not directory.is_dir():
-        directory.mkdir(mode=0o700, parents=True)
-        directory.chmod(0o700)  # mkdir's mode is filtered by the umask
