@@ -148,11 +148,18 @@ class ClientWriter:
         self.seconds = seconds
         self.is_direct = False  # until a write through aiohttp has sent the headers
 
-    async def write(self, data: bytes) -> None:
+    def try_write(self, data: bytes) -> bool:
+        """Hand `data` to the client's socket now if that needs no wait; False if not."""
         transport = self.transport
         if transport is not None and self.is_direct and fits_in_buffer(transport, len(data)):
             transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            return True
+        return False
+
+    async def write(self, data: bytes) -> None:
+        if self.try_write(data):
             return
+        transport = self.transport
         await write_within(self.response, data, self.seconds, transport)
         self.is_direct = (
             transport is not None
