@@ -150,6 +150,8 @@ async def test_a_stream_broken_mid_way_ends_with_an_error_event_and_counts_for_i
     body = await asyncio.wait_for(response.read(), DEADLINE)
     assert response.status == 200  # sent before the break
     assert b'"code": "backend_failed"' in body
+    # The event says how the stream broke, so the operator can tell a death from garbage.
+    assert b"(UpstreamBroke: the backend closed the connection mid-answer)" in body
     backend = backends_of(gateway)[0]
     assert (backend.busy, backend.requests, backend.errors) == (0, 1, 1)
 
