@@ -1,5 +1,9 @@
 """Relaying a stream of server-sent events: each read goes out as it came, one write each.
 
+A stream asked for with `"stream": true` is relayed below aiohttp by proxy/rawrelay.py,
+which shares ClientWriter and split_done_prefix with this module; pass_chunks relays any
+other event stream, from aiohttp's reader.
+
 Reads are taken as the socket gives them (`readany`: every event that has arrived, in
 one piece), counted as bytes (proxy/usage.py) and written without waiting for more, so
 the stream stays unbuffered. The one exception is the stream's end: the part of a read
