@@ -5,6 +5,10 @@ before its first byte is marked down and the request goes to the next, with no e
 the client. Only when every backend has failed does the client get 502 (504 if the last
 one was silent), or, while the console restarts the backends, does the request wait for
 one, up to LLAMA_PROXY_BACKEND_WAIT_SECONDS (then 503).
+
+A streamed request (`"stream": true`) goes over a connection of its own
+(proxy/rawupstream.py), so that its answer can be relayed below aiohttp; its failures
+before the first byte are handled the same way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import aiohttp
 from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 from proxy.errors import GatewayError, bad_gateway, unavailable
 from proxy.pool import Backend, BackendPool, Lease
+from proxy.rawupstream import RawAnswer, UpstreamError, open_answer
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +91,13 @@ class Dispatcher:
         return False
 
     async def send(
-        self, method: str, route: str, body: bytes, headers: dict[str, str]
-    ) -> tuple[Lease, aiohttp.ClientResponse]:
+        self,
+        method: str,
+        route: str,
+        body: bytes,
+        headers: dict[str, str],
+        is_stream: bool = False,
+    ) -> tuple[Lease, aiohttp.ClientResponse | RawAnswer]:
         """A backend's response, trying each backend once; waits out a restart, else 502/503."""
         deadline = time.monotonic() + self.wait_seconds
         has_waited = False
@@ -97,7 +107,9 @@ class Dispatcher:
             while (lease := await self.pool.acquire(tried)) is not None:
                 tried.add(lease.backend.index)
                 try:
-                    response = await self._attempt(lease.backend, method, route, body, headers)
+                    response = await self._attempt(
+                        lease.backend, method, route, body, headers, is_stream
+                    )
                 except BackendFailed as failed:
                     failure = failed
                     self.pool.release(lease, is_failed=True)
@@ -123,20 +135,32 @@ class Dispatcher:
             await asyncio.sleep(RETRY_INTERVAL_SECONDS)
 
     async def _attempt(
-        self, backend: Backend, method: str, route: str, body: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
+        self,
+        backend: Backend,
+        method: str,
+        route: str,
+        body: bytes,
+        headers: dict[str, str],
+        is_stream: bool,
+    ) -> aiohttp.ClientResponse | RawAnswer:
         """The backend's response head; BackendFailed if it fails before its first byte."""
         try:
-            return await self._request(backend, method, route, body, headers)
+            return await self._request(backend, method, route, body, headers, is_stream)
         except BackendFailed as failed:
             if not failed.may_be_stale:
                 raise
         # Perhaps a pooled connection the backend had just closed: once more, on a new one.
-        return await self._request(backend, method, route, body, headers)
+        return await self._request(backend, method, route, body, headers, is_stream)
 
     async def _request(
-        self, backend: Backend, method: str, route: str, body: bytes, headers: dict[str, str]
-    ) -> aiohttp.ClientResponse:
+        self,
+        backend: Backend,
+        method: str,
+        route: str,
+        body: bytes,
+        headers: dict[str, str],
+        is_stream: bool,
+    ) -> aiohttp.ClientResponse | RawAnswer:
         # A failed health probe cancels this task's wait (the backend hangs); the task is
         # cancelled the way asyncio.timeout does it, which costs 6 us more per request.
         task = asyncio.current_task()
@@ -144,6 +168,12 @@ class Dispatcher:
         waits = backend.first_byte_waits
         waits[task] = False
         try:
+            if is_stream:
+                timeout = self.session.timeout
+                return await open_answer(
+                    backend.url, method, route, body, headers,
+                    timeout.sock_connect, timeout.sock_read,
+                )  # fmt: skip
             return await self.session.request(
                 method, backend.url + route, data=body or None, headers=headers
             )
@@ -158,6 +188,9 @@ class Dispatcher:
             raise BackendFailed(type(error).__name__, may_be_stale=True) from None
         except TimeoutError as error:
             raise BackendFailed(type(error).__name__, is_timeout=True) from None
+        except UpstreamError as error:
+            # A connection of its own, never a stale pooled one: no retry on this backend.
+            raise BackendFailed(str(error)) from None
         finally:
             del waits[task]
 

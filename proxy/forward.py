@@ -8,6 +8,10 @@ the internal backend key instead of the client's credentials. Server-sent events
 written through chunk by chunk as they arrive. If the client goes away mid-stream the
 upstream response is closed, which makes llama_cpp.server stop generating. So it is if
 the client stops reading, or the answer runs past its time cap (proxy/deadlines.py).
+
+A request that asks for a stream gets its answer over a connection of its own, relayed
+in the socket's callbacks (proxy/rawupstream.py, proxy/rawrelay.py); any other event
+stream is relayed from aiohttp's reader (proxy/relay.py).
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from proxy.deadlines import (
 from proxy.dispatch import Dispatcher
 from proxy.errors import GatewayError, bad_gateway, error_body
 from proxy.promptcount import PromptCounter, wants_usage
-from proxy.relay import pass_chunks
+from proxy.rawrelay import StreamRelay
+from proxy.rawupstream import RawAnswer, UpstreamError
+from proxy.relay import ClientWriter, pass_chunks
 from proxy.requestlog import RequestRecord
 from proxy.usage import UsageCounter
 
@@ -81,7 +87,9 @@ class Forwarder:
         }
         deadline = asyncio.get_running_loop().time() + self.deadlines.request_max_seconds
         async with within_cap(deadline, self.deadlines):
-            lease, upstream = await self.dispatcher.send(request.method, route, body, headers)
+            lease, upstream = await self.dispatcher.send(
+                request.method, route, body, headers, is_stream=record.stream
+            )
         is_failed = True
         try:
             async with upstream:
@@ -112,11 +120,15 @@ class Forwarder:
         )
 
     async def _relay_whole(
-        self, upstream: aiohttp.ClientResponse, content_type: str, record: RequestRecord
+        self, upstream: aiohttp.ClientResponse | RawAnswer, content_type: str, record: RequestRecord
     ) -> web.Response:
         try:
-            data = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as error:
+            if isinstance(upstream, RawAnswer):
+                async with asyncio.timeout(self.dispatcher.session.timeout.sock_read):
+                    data = await upstream.read()
+            else:
+                data = await upstream.read()
+        except (aiohttp.ClientError, UpstreamError, TimeoutError) as error:
             raise bad_gateway(f"the model backend broke off its answer ({error!r})") from None
         if content_type.startswith("application/json"):
             counter = UsageCounter()
@@ -131,7 +143,7 @@ class Forwarder:
     async def _relay_stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: aiohttp.ClientResponse | RawAnswer,
         content_type: str,
         record: RequestRecord,
         deadline: float,
@@ -162,12 +174,20 @@ class Forwarder:
 
         cap = asyncio.timeout_at(deadline)
         write_seconds = self.deadlines.client_write_seconds
+        silence_seconds = self.dispatcher.session.timeout.sock_read
         try:
             async with cap:
-                await pass_chunks(
-                    upstream, response, request.transport, record, counter, write_seconds,
-                    before_done, self.dispatcher.session.timeout.sock_read,
-                )  # fmt: skip
+                if isinstance(upstream, RawAnswer):
+                    client = ClientWriter(response, request.transport, write_seconds)
+                    relay = StreamRelay(
+                        upstream, client, record, counter, before_done, silence_seconds
+                    )
+                    await relay.run()
+                else:
+                    await pass_chunks(
+                        upstream, response, request.transport, record, counter, write_seconds,
+                        before_done, silence_seconds,
+                    )  # fmt: skip
         except ClientTooSlow as slow:
             # Leaving the `async with upstream` closes the upstream, so generation stops.
             self._drop_slow_client(request, record, slow)
@@ -177,7 +197,7 @@ class Forwarder:
             record.status_code = CLIENT_GONE
             record.error = "client disconnected mid-stream"
             return response
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except (aiohttp.ClientError, UpstreamError, TimeoutError) as error:
             await self._end_with_error(response, record, error, is_over_cap=cap.expired())
         finally:
             counter.finish_stream()
@@ -205,7 +225,8 @@ class Forwarder:
             code = TOO_LONG_CODE
         else:
             record.status_code = 504 if isinstance(error, TimeoutError) else 502
-            record.error = f"the backend broke off the stream ({type(error).__name__})"
+            detail = f": {error}" if isinstance(error, UpstreamError) else ""
+            record.error = f"the backend broke off the stream ({type(error).__name__}{detail})"
         log.warning("request %s: %s", record.request_id, record.error)
         # The status line has long been sent, so the error goes into the stream itself.
         event = b"data: " + error_body(record.error, "server_error", code)

@@ -1,5 +1,9 @@
 """Relaying a stream of server-sent events: each read goes out as it came, one write each.
 
+A stream asked for with `"stream": true` is relayed below aiohttp by proxy/rawrelay.py,
+which shares ClientWriter and split_done_prefix with this module; pass_chunks relays any
+other event stream, from aiohttp's reader.
+
 Reads are taken as the socket gives them (`readany`: every event that has arrived, in
 one piece), counted as bytes (proxy/usage.py) and written without waiting for more, so
 the stream stays unbuffered. The one exception is the stream's end: the part of a read
@@ -148,11 +152,18 @@ class ClientWriter:
         self.seconds = seconds
         self.is_direct = False  # until a write through aiohttp has sent the headers
 
-    async def write(self, data: bytes) -> None:
+    def try_write(self, data: bytes) -> bool:
+        """Hand `data` to the client's socket now if that needs no wait; False if not."""
         transport = self.transport
         if transport is not None and self.is_direct and fits_in_buffer(transport, len(data)):
             transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            return True
+        return False
+
+    async def write(self, data: bytes) -> None:
+        if self.try_write(data):
             return
+        transport = self.transport
         await write_within(self.response, data, self.seconds, transport)
         self.is_direct = (
             transport is not None
