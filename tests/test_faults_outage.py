@@ -31,43 +31,19 @@ from gatewayhelpers import (
     wait_until,
 )
 from gatewayprocess import start_gateway_process
-from pgfixture import fresh_database, temporary_cluster
 
 from proxy import appkeys, requestlog, store
 from proxy.app import make_app
 from proxy.requestlog import RequestLog, RequestRecord
 from proxy.spool import Spool, append_lines
 
-pytest_plugins = ["gatewayfixture"]
+pytest_plugins = ["gatewayfixture", "outagefixture"]
 
 # Long enough to cover stopping the cluster on a loaded machine (up to ~3 s seen) plus the
 # listener's 2 s between confirmed contacts, from which the grace counts.
 OUTAGE_GRACE_SECONDS = 8.0
 CREATED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 DEADLINE = 20.0  # generous: 2 shared cores; only there to turn a hang into a failure
-
-
-@pytest.fixture(scope="module")
-def own_cluster():
-    """A cluster this module may stop and start at will."""
-    with temporary_cluster() as cluster:
-        cluster.ensure_running()
-        yield cluster
-
-
-@pytest.fixture
-def own_dsn(own_cluster):
-    """A fresh database in the module's cluster, which is running again afterwards."""
-    own_cluster.start()
-    with fresh_database(own_cluster) as dsn:
-        asyncio.run(_migrate(dsn))
-        yield dsn
-        own_cluster.start()  # so that the database can be dropped
-
-
-async def _migrate(dsn: str) -> None:
-    pool = await store.create_pool(dsn)
-    await pool.close()
 
 
 @pytest_asyncio.fixture

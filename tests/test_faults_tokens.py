@@ -20,38 +20,13 @@ from conftest import free_port
 from fakeupstream import USAGE
 from gatewayhelpers import BACKEND_KEY, add_user, bearer, chat, wait_until
 from gatewayprocess import GatewayProcess, start_gateway_process
-from pgfixture import fresh_database, temporary_cluster
 
-from proxy import store
 from proxy.chargespool import charge_spool_path
 
-pytest_plugins = ["gatewayfixture"]
+pytest_plugins = ["gatewayfixture", "outagefixture"]
 
 TOKENS = USAGE["total_tokens"]
 DEADLINE = 30.0  # generous: 2 shared cores; only there to turn a hang into a failure
-
-
-@pytest.fixture(scope="module")
-def own_cluster():
-    """A cluster this module may stop and start at will."""
-    with temporary_cluster() as cluster:
-        cluster.ensure_running()
-        yield cluster
-
-
-@pytest.fixture
-def own_dsn(own_cluster):
-    """A fresh, migrated database in the module's cluster, running again afterwards."""
-    own_cluster.start()
-    with fresh_database(own_cluster) as dsn:
-        asyncio.run(_migrate(dsn))
-        yield dsn
-        own_cluster.start()  # so that the database can be dropped
-
-
-async def _migrate(dsn: str) -> None:
-    pool = await store.create_pool(dsn)
-    await pool.close()
 
 
 async def _query(dsn: str, sql: str):
