@@ -15,6 +15,7 @@ tries another backend); a body that breaks off later ends the sink with Upstream
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from typing import Protocol, cast
 from urllib.parse import urlsplit
@@ -225,6 +226,13 @@ def request_bytes(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One verifying context for every https backend: making one loads the CA store,
+    milliseconds of CPU that a stream should not pay each time."""
+    return ssl.create_default_context()
+
+
 async def open_answer(
     url: str,
     method: str,
@@ -237,7 +245,7 @@ async def open_answer(
     """Send the request to the backend at `url`; its answer once the head has arrived."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port
-    context = ssl.create_default_context() if parts.scheme == "https" else None
+    context = tls_context() if parts.scheme == "https" else None
     port = port or (443 if context is not None else 80)
     loop = asyncio.get_running_loop()
     try:

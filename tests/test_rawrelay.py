@@ -8,6 +8,7 @@ test fills, so back-pressure is decided exactly.
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
 from fakeupstream import FakeUpstream
@@ -15,7 +16,13 @@ from fakeupstream import FakeUpstream
 from proxy.deadlines import ClientTooSlow
 from proxy.dechunk import ChunkedDecoder
 from proxy.rawrelay import StreamRelay
-from proxy.rawupstream import UpstreamBroke, UpstreamNoAnswer, UpstreamUnreachable, open_answer
+from proxy.rawupstream import (
+    UpstreamBroke,
+    UpstreamNoAnswer,
+    UpstreamUnreachable,
+    open_answer,
+    tls_context,
+)
 from proxy.relay import ClientWriter
 from proxy.usage import UsageCounter
 
@@ -228,6 +235,12 @@ async def test_failures_before_the_answer_are_told_apart_from_a_broken_body():
     async with server:
         with pytest.raises(UpstreamNoAnswer, match="not an HTTP/1.x answer"):
             await open_answer(url, "POST", ROUTE, BODY, {}, 5, 5)
+
+
+def test_https_backends_share_one_verifying_tls_context():
+    # Making a context loads the CA store: a stream to an https backend must not pay that.
+    assert tls_context() is tls_context()
+    assert tls_context().verify_mode == ssl.CERT_REQUIRED
 
 
 def dechunked(framed: bytes) -> bytes:
