@@ -152,6 +152,8 @@ async def token_limiter(app: web.Application) -> AsyncIterator[None]:
             pool, batches, limiter.WINDOW, limiter.gateway_id
         ),
         lambda batch_ids: tokenstore.forget_replays(pool, batch_ids),
+        on_parked=app[appkeys.METRICS].charge_batches_parked.inc,
+        on_replayed=app[appkeys.METRICS].charge_batches_replayed.inc,
     )
     app[appkeys.TOKEN_LIMITER] = limiter
     tasks = [

@@ -24,6 +24,11 @@ CHUNK_BATCHES = 500  # batches per transaction (a flush's charges each)
 
 ReplayBatches = Callable[[Sequence[ChargeBatch]], Awaitable[int]]
 ForgetBatches = Callable[[Sequence[str]], Awaitable[None]]
+CountBatches = Callable[[int], None]
+
+
+def _ignore(count: int) -> None:
+    """No counter: what a backlog outside the gateway (a test's) reports to."""
 
 
 class ChargeBacklog:
@@ -35,13 +40,21 @@ class ChargeBacklog:
         replay_batches: ReplayBatches,
         forget_batches: ForgetBatches,
         clock: Callable[[], float] = time.monotonic,
+        on_parked: CountBatches = _ignore,
+        on_replayed: CountBatches = _ignore,
     ) -> None:
         self.spool = spool
         self.replay_batches = replay_batches
         self.forget_batches = forget_batches
         self.clock = clock
+        self.on_parked = on_parked  # /metrics counters (proxy/metrics.py)
+        self.on_replayed = on_replayed
         self.is_pending: bool | None = None  # None: not looked yet (a past run may have left some)
-        self.error: str | None = None  # the last disk failure, reported once
+        self.error: str | None = None  # the last disk failure, reported once and in /readyz
+
+    def settled(self) -> None:
+        """The charges held in memory reached the database: nothing left to report."""
+        self.error = None
 
     async def has_pending(self) -> bool:
         """Whether charges wait in the spool."""
@@ -72,6 +85,7 @@ class ChargeBacklog:
             return False
         self.error = None
         self.is_pending = True
+        self.on_parked(1)
         return True
 
     async def replay(self) -> bool:
@@ -88,6 +102,7 @@ class ChargeBacklog:
             if is_empty is None:
                 return False
             if chunk.batches:
+                self.on_replayed(len(chunk.batches))
                 await self._forget(chunk.batches)
             if is_empty:
                 self.is_pending = False

@@ -24,7 +24,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Readiness: a backend serves, the database answers, the request log can spool."""
+    """Readiness: a backend serves, the database answers, the request log and the token
+    charges can spool."""
     app = request.app
     checks = await app[appkeys.READINESS].get()
     is_ready = all(value == "ok" for value in checks.values())
@@ -45,7 +46,14 @@ async def check_readiness(app: web.Application) -> dict[str, str]:
         "backend": await _check_backend(app),
         "database": await _check_database(app),
         "request_log": app[appkeys.REQUEST_LOG].problem or "ok",
+        "token_charges": _check_token_charges(app),
     }
+
+
+def _check_token_charges(app: web.Application) -> str:
+    """Ok unless the disk refuses the charge spool or it is full (proxy/chargebacklog.py)."""
+    backlog = app[appkeys.TOKEN_LIMITER].backlog
+    return (backlog.error if backlog is not None else None) or "ok"
 
 
 async def _check_backend(app: web.Application) -> str:

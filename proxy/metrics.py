@@ -121,6 +121,16 @@ class Metrics:
             "(LLAMA_PROXY_SPOOL_MAX_MB) or unwritable and memory full",
             registry=self.registry,
         )
+        self.charge_batches_parked = Counter(
+            "llamagate_token_charge_batches_parked",
+            "Flushes of token charges the database did not take, written to the charge spool",
+            registry=self.registry,
+        )
+        self.charge_batches_replayed = Counter(
+            "llamagate_token_charge_batches_replayed",
+            "Batches of token charges replayed from the charge spool into the database",
+            registry=self.registry,
+        )
         waiting = Gauge("llamagate_queue_waiting", "Requests waiting", registry=self.registry)
         waiting.set_function(lambda: queue_stats().waiting)
         active = Gauge("llamagate_queue_active", "Requests at the backend", registry=self.registry)

@@ -200,6 +200,8 @@ class TokenLimiter:
         users, tokens, days = _batch(charges, reads, day_of(self.clock()))
         answers = await self.sync(users, tokens, days, self.WINDOW, self.gateway_id)
         self._note_database(is_down=False)
+        if self.backlog is not None:
+            self.backlog.settled()  # what the disk refused went with this batch
         return answers
 
     async def _replay_backlog(self) -> bool:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import platform
 from importlib import metadata
+from pathlib import Path
 
+from proxy.chargespool import charge_spool_path
 from proxy.config import redact_dsn
 from proxy.configschema import Key
 from runtime.pgcluster import ClusterError
@@ -122,12 +124,18 @@ def _parts_section(settings: Settings) -> str:
         if status.model:
             lines.append(f"  model        {status.model}")
     if settings.is_gateway_mode:
-        lines.append(
-            f"request-log spool: {settings.paths.spool_path}"
-            + (
-                " (rows waiting for the database)"
-                if settings.paths.spool_path.exists()
-                else " (empty)"
-            )
-        )
+        lines += _spool_lines(settings.paths.spool_path)
     return "\n".join(lines)
+
+
+def _spool_lines(request_spool: Path) -> list[str]:
+    """Whether the gateway's spools hold what the database has not taken yet."""
+    spools = [
+        ("request-log spool", request_spool, "rows"),
+        ("token-charge spool", charge_spool_path(request_spool), "token charges"),
+    ]
+    return [
+        f"{label}: {path}"
+        + (f" ({what} waiting for the database)" if path.exists() else " (empty)")
+        for label, path, what in spools
+    ]

@@ -237,6 +237,7 @@ async def test_charges_that_do_not_fit_the_spool_wait_in_memory_instead_of_being
     await limiter.close()
 
     assert not limiter.charges
+    assert limiter.backlog.error is None  # /readyz is ok again once they are written
     assert await db.fetchval("SELECT sum(tokens) FROM token_days") == 10
 
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import TEST_API_KEY, link_or_copy
 
+from proxy.chargespool import charge_spool_path
 from runtime.bootstrap import ensure_config
 from runtime.cli import cli
 from runtime.configfile import set_config_value
@@ -177,6 +178,19 @@ def test_info_keeps_the_configuration_table_aligned_for_long_key_names(tmp_path)
     rows = report.split("\n\n")[0].splitlines()[1:]
     assert any(len(line.split()[0]) > 30 for line in rows)  # such as ..._GRACE_SECONDS
     assert {line.rindex(" default") for line in rows} == {rows[0].rindex(" default")}
+
+
+def test_info_says_whether_token_charges_wait_in_their_spool(tmp_path):
+    paths = Paths(root=tmp_path)
+    charges = charge_spool_path(paths.spool_path)
+    assert f"token-charge spool: {charges} (empty)" in render_info(paths)
+
+    charges.parent.mkdir(parents=True)
+    charges.write_text('{"id": "b1", "at": 1.0, "charges": [["alice", "2026-11-30", 12]]}\n')
+
+    report = render_info(paths)
+    assert f"token-charge spool: {charges} (token charges waiting for the database)" in report
+    assert f"request-log spool: {paths.spool_path} (empty)" in report
 
 
 def test_info_shows_an_invalid_config_value_and_still_exits_0(home):

@@ -34,6 +34,7 @@ from gatewayprocess import start_gateway_process
 
 from proxy import appkeys, requestlog, store
 from proxy.app import make_app
+from proxy.chargespool import charge_spool_path
 from proxy.requestlog import RequestLog, RequestRecord
 from proxy.spool import Spool, append_lines
 
@@ -200,10 +201,12 @@ async def _contains(ids, wanted: set[str]) -> bool:
 
 @contextmanager
 def unwritable_spool(tmp_path: Path, how: str) -> Iterator[Path]:
-    """A spool path whose writes really fail: ENOSPC (/dev/full) or EROFS (a ro mount)."""
+    """A spool path whose writes really fail, and the charge spool's beside it: ENOSPC
+    (/dev/full) or EROFS (a ro mount)."""
     if how == "disk-full":
         spool = tmp_path / "requests.spool"
         spool.symlink_to("/dev/full")  # writes fail with ENOSPC; no privileges needed
+        charge_spool_path(spool).symlink_to("/dev/full")  # the token charges' too
         yield spool
         return
     mount_point = tmp_path / "read-only"
@@ -235,15 +238,21 @@ async def test_an_unwritable_spool_is_reported_and_its_rows_survive_in_memory(
         assert (await ask(gateway, key))[0] == 200
         await in_thread(own_cluster.stop)
         sent = {(await ask(gateway, key))[1] for _ in range(3)}
-        ready = await _wait_for_readyz(gateway, lambda body: body["request_log"] != "ok")
+        ready = await _wait_for_readyz(gateway, _both_spools_refused)
         assert "cannot write the spool file" in ready["request_log"]
         assert reason in ready["request_log"]
+        assert "cannot write the charge spool" in ready["token_charges"]
+        assert reason in ready["token_charges"]
         assert any(r.levelno == logging.ERROR and reason in r.getMessage() for r in caplog.records)
         assert (await ask(gateway, key))[0] == 200  # still serving: nothing crashed
         await in_thread(own_cluster.start)
         ready = await _wait_for_readyz(gateway, lambda body: body["ready"])
-        assert ready["request_log"] == "ok"
+        assert ready["request_log"] == "ok" and ready["token_charges"] == "ok"
         await wait_until(lambda: _contains(logged_ids(own_dsn), sent), "the kept rows", DEADLINE)
+
+
+def _both_spools_refused(body: dict) -> bool:
+    return body["request_log"] != "ok" and body["token_charges"] != "ok"
 
 
 async def _wait_for_readyz(gateway, condition) -> dict:
@@ -317,6 +326,40 @@ async def test_rows_over_the_spool_cap_are_counted_in_metrics(outage_gateway, ow
 
     await wait_until(dropped, "3 dropped rows in /metrics", DEADLINE)
     await in_thread(own_cluster.start)
+
+
+@pytest.mark.asyncio
+async def test_parked_and_replayed_charge_batches_are_counted_in_metrics(
+    outage_gateway, own_dsn, own_cluster, tmp_path
+):
+    gateway = await outage_gateway()
+    key = await new_key(own_dsn, "alice")
+    assert (await ask(gateway, key))[0] == 200  # cached, so served during the outage
+    await in_thread(own_cluster.stop)
+    for _ in range(2):
+        assert (await ask(gateway, key))[0] == 200
+    parked = await wait_until(
+        lambda: _charge_batches(gateway, "parked"), "a parked batch in /metrics", DEADLINE
+    )
+    await in_thread(own_cluster.start)
+
+    async def all_replayed() -> bool:
+        return await _charge_batches(gateway, "replayed") == await _charge_batches(
+            gateway, "parked"
+        )
+
+    await wait_until(all_replayed, "every parked batch replayed", DEADLINE)
+    assert parked >= 1
+    print(f"charge batches parked and replayed: {await _charge_batches(gateway, 'replayed')}")
+    assert not charge_spool_path(tmp_path / "requests.spool").exists()
+
+
+async def _charge_batches(gateway, what: str) -> float:
+    """llamagate_token_charge_batches_<what>_total on /metrics (0.0 is falsy: not yet)."""
+    text = await (await gateway.get("/metrics")).text()
+    prefix = f"llamagate_token_charge_batches_{what}_total "
+    [line] = [line for line in text.splitlines() if line.startswith(prefix)]
+    return float(line.removeprefix(prefix))
 
 
 # --- a stalled database: locks held by an open transaction ------------------------------
