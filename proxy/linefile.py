@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,8 +38,12 @@ def append_within(path: Path, lines: Iterable[bytes], max_bytes: int | None = No
     make_private_dir(path.parent)
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.fchmod(fd, 0o600)  # a file left by an older version may be wider
-        size = os.fstat(fd).st_size
+        status = os.fstat(fd)
+        if stat.S_ISREG(status.st_mode):
+            # A file left by an older version may be wider. Only a regular file: a spool
+            # pointed at a device (/dev/full, /dev/null) must not change the host's device.
+            os.fchmod(fd, 0o600)
+        size = status.st_size
         prefix = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
         taken, length = [prefix], len(prefix)
         for line in lines:

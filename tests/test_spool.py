@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 from datetime import UTC, datetime, timedelta
 
@@ -92,6 +93,21 @@ def test_an_existing_wider_spool_file_is_narrowed_to_0600(tmp_path):
     path.chmod(0o644)
     append_lines(path, make_rows(1))
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_spool_pointed_at_a_device_leaves_the_device_as_it_was(tmp_path):
+    # The full-disk tests point spools at /dev/full; narrowing it to 0600 would change
+    # the host for every other user of the device.
+    device = "/dev/full"
+    mode = stat.S_IMODE(os.stat(device).st_mode)
+    path = tmp_path / "requests.spool"
+    path.symlink_to(device)
+    try:
+        with pytest.raises(OSError):  # ENOSPC: the disk is "full"
+            append_lines(path, make_rows(1))
+        assert stat.S_IMODE(os.stat(device).st_mode) == mode
+    finally:
+        os.chmod(device, mode)
 
 
 @pytest.mark.asyncio
