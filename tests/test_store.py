@@ -54,17 +54,22 @@ async def test_request_rows_land_exactly_whatever_their_text_numbers_and_times(p
         ("r-2", datetime(2026, 1, 2, 12, 0, tzinfo=tokyo), None, None, "GET", "/nowhere",
          404, 1e-9, None, 0, 2**62, None, False, None, None, None, None, 3),
     ]  # fmt: skip
-    pool = await store.create_pool(pg_dsn)
-    try:
-        await store.insert_requests(pool, rows)
-        stored = await pool.fetch("SELECT * FROM llama_requests ORDER BY request_id")
-    finally:
-        await pool.close()
+    stored = await insert_and_read_back(pg_dsn, rows)
     assert len(stored) == len(rows)
     for row, record in zip(rows, stored, strict=True):
         for column, value in zip(store.REQUEST_COLUMNS, row, strict=True):
             assert record[column] == value, column
             assert type(record[column]) is type(value), column
+
+
+async def insert_and_read_back(pg_dsn: str, rows: list[tuple]) -> list:
+    """The rows as llama_requests holds them after one batch insert, by request_id."""
+    pool = await store.create_pool(pg_dsn)
+    try:
+        await store.insert_requests(pool, rows)
+        return await pool.fetch("SELECT * FROM llama_requests ORDER BY request_id")
+    finally:
+        await pool.close()
 
 
 @pytest.fixture
@@ -91,12 +96,7 @@ async def test_request_rows_keep_special_floats_control_characters_and_naive_tim
         ("r-2", naive, None, None, "POST", "/", 200, math.nan, -0.0, 0, 0, None, None,
          None, None, None, None, 1),
     ]  # fmt: skip
-    pool = await store.create_pool(pg_dsn)
-    try:
-        await store.insert_requests(pool, rows)
-        stored = await pool.fetch("SELECT * FROM llama_requests ORDER BY request_id")
-    finally:
-        await pool.close()
+    stored = await insert_and_read_back(pg_dsn, rows)
     first, second = stored
     assert first["created_at"] == naive.astimezone(UTC)
     assert first["username"] == first["path"] == controls
