@@ -25,10 +25,14 @@ DATA_CLASSES = frozenset({"22", "23"})
 # The same, as exception classes for `except`: asyncpg's class bases follow SQLSTATE.
 # OSError and TimeoutError: a refused or lost socket, a connect, acquire or command
 # timeout. InterfaceError: asyncpg's own "connection is closed" and the like.
+# InternalClientError: a server that ends its sessions (a stop or restart) sends the
+# error before closing the socket, and a query sent in between finds the connection
+# half-way through that error ("cannot switch to state 12"): the same lost connection.
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
     asyncpg.exceptions.PostgresConnectionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.OperatorInterventionError,

@@ -6,6 +6,7 @@ failures become StoreError, whose message shows the DSN without its password.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -56,8 +57,16 @@ class TimedPool:
         self.pool = pool
         self.acquire_timeout = acquire_timeout
 
-    def acquire(self, *, timeout: float | None = None):
-        return self.pool.acquire(timeout=timeout or self.acquire_timeout)
+    @contextlib.asynccontextmanager
+    async def acquire(self, *, timeout: float | None = None):
+        async with self.pool.acquire(timeout=timeout or self.acquire_timeout) as conn:
+            try:
+                yield conn
+            except asyncpg.exceptions.InternalClientError:
+                # The session was ended under us (proxy/outage.py). asyncpg would put the
+                # connection back in the pool as it is and fail the next caller too.
+                conn.terminate()
+                raise
 
     async def execute(self, query: str, *args, timeout: float | None = None) -> str:
         async with self.acquire() as conn:

@@ -40,6 +40,11 @@ SERVER_ERRORS = [
         (TimeoutError(), Failure.UNAVAILABLE),  # command_timeout, acquire timeout
         (ConnectionRefusedError(111, "refused"), Failure.UNAVAILABLE),
         (asyncpg.exceptions.InterfaceError("connection is closed"), Failure.UNAVAILABLE),
+        # A query sent between a stopping server's error and its closing the socket.
+        (
+            asyncpg.exceptions.InternalClientError("cannot switch to state 12"),
+            Failure.UNAVAILABLE,
+        ),
         (asyncpg.exceptions.CheckViolationError("check"), Failure.DATA),  # 23514
         (asyncpg.exceptions.UniqueViolationError("dup"), Failure.DATA),  # 23505
         (asyncpg.exceptions.NumericValueOutOfRangeError("big"), Failure.DATA),  # 22003

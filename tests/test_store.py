@@ -7,6 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 from http import HTTPStatus
 
+import asyncpg
 import pytest
 
 from proxy import store
@@ -38,6 +39,25 @@ async def test_a_transaction_left_open_is_still_rolled_back_on_release(pg_dsn):
         async with pool.acquire() as conn:  # max_size 1: the same connection
             assert not conn.is_in_transaction()
             assert await conn.fetchval("SELECT to_regclass('left_open')") is None
+    finally:
+        await pool.close()
+
+
+@pytest.mark.asyncio
+async def test_a_connection_left_mid_protocol_by_a_stopping_server_is_not_handed_out_again(
+    pg_dsn,
+):
+    # A server stopping fast sends its error, then closes the socket; a query sent in
+    # between fails with InternalClientError and the connection stays in that state.
+    pool = await store.create_pool(pg_dsn, max_size=1)
+    try:
+        with pytest.raises(asyncpg.exceptions.InternalClientError):
+            async with pool.acquire() as conn:
+                broken_pid = conn.get_server_pid()
+                raise asyncpg.exceptions.InternalClientError("cannot switch to state 12")
+        async with pool.acquire() as conn:  # max_size 1: the old one or a new one
+            assert conn.get_server_pid() != broken_pid
+            assert await conn.fetchval("SELECT 1") == 1
     finally:
         await pool.close()
 
