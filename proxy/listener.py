@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 RETRY_SECONDS = 1.0
 # How often a listener probes its connection; a silent loss is noticed within twice this.
 PROBE_SECONDS = 2.0
+# How its connection shows in pg_stat_activity, so an operator can tell it from the pool's.
+APPLICATION_NAME = "llamagate listener"
 
 
 def _nothing() -> None:
@@ -52,7 +54,7 @@ async def listen_forever(dsn: str, subscription: Subscription) -> None:
     has_warned = False
     while True:
         try:
-            conn = await store.connect(dsn)
+            conn = await store.connect(dsn, application_name=APPLICATION_NAME)
         except store.StoreError as error:
             if not has_warned:  # once per outage, not once a second
                 log.warning("%s: %s; retrying every %ss", label, error, RETRY_SECONDS)

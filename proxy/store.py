@@ -36,10 +36,12 @@ def unreachable(dsn: str, error: BaseException) -> StoreError:
     )
 
 
-async def connect(dsn: str) -> asyncpg.Connection:
-    """One connection, or StoreError naming the (redacted) DSN."""
+async def connect(dsn: str, application_name: str | None = None) -> asyncpg.Connection:
+    """One connection, or StoreError naming the (redacted) DSN; application_name is how
+    pg_stat_activity shows it."""
+    settings = {"application_name": application_name} if application_name else None
     try:
-        return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS)
+        return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT_SECONDS, server_settings=settings)
     except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
         raise unreachable(dsn, error) from None
 

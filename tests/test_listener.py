@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from gatewayhelpers import wait_until
 
-from proxy import store
+from proxy import listener, store
 from proxy.migrations import TOKEN_CHANNEL
 from proxy.tokenlimit import TokenLimiter
 from proxy.tokenwatch import listen_for_charges
@@ -70,3 +70,20 @@ async def test_the_token_listener_survives_an_unexpected_error_while_connecting(
         )
         assert not task.done(), "the listener died of the error"
     assert len(calls) == 2
+
+
+@pytest.mark.asyncio
+async def test_the_listener_connection_is_named_in_pg_stat_activity(pg_dsn) -> None:
+    limiter = TokenLimiter(no_database)
+    async with running(listen_for_charges(pg_dsn, limiter)):
+        await wait_until(lambda: limiter.is_listening, "the token listener to listen")
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            names = await conn.fetch(
+                "SELECT application_name FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await conn.close()
+    # This test's own database: the listener's is the only other connection to it.
+    assert [row["application_name"] for row in names] == [listener.APPLICATION_NAME]
