@@ -1,9 +1,9 @@
 """The gateway application: `make_app(config)` wires resources, middleware and routes.
 
-Resources (database pool, auth listener, request log, rate limiter, backend session) come
-from cleanup contexts, so each is closed if and only if it was opened. Handlers live in
-proxy/handlers.py (the forwarded routes), proxy/health.py (/healthz, /readyz, /metrics) and
-proxy/me.py; this module only assembles.
+Resources (database pool, request log, auth, rate and token limiters, the one LISTEN
+connection, backend session) come from cleanup contexts, so each is closed if and only if
+it was opened. Handlers live in proxy/handlers.py (the forwarded routes), proxy/health.py
+(/healthz, /readyz, /metrics) and proxy/me.py; this module only assembles.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy import appkeys, handlers, health, store, tokenstore
-from proxy.auth import AuthCache, Authenticator, listen_for_changes
+from proxy.auth import AuthCache, Authenticator, change_subscription
 from proxy.authlimit import AuthFailureLimiter
 from proxy.chargebacklog import ChargeBacklog
 from proxy.chargespool import ChargeSpool, charge_spool_path
@@ -28,6 +28,7 @@ from proxy.deadlines import Deadlines
 from proxy.dispatch import Dispatcher
 from proxy.forward import JSON_ROUTES, MODELS_ROUTE, Forwarder
 from proxy.inflight import InFlightRequests
+from proxy.listener import listen_forever
 from proxy.me import me
 from proxy.metrics import Metrics
 from proxy.pool import BackendPool
@@ -40,7 +41,7 @@ from proxy.requestlog import RequestLog
 from proxy.revocation import RevocationWatch
 from proxy.spool import Spool
 from proxy.tokenlimit import TokenLimiter
-from proxy.tokenwatch import listen_for_charges
+from proxy.tokenwatch import charge_subscription
 from proxy.usercache import UserFiguresCache
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
     app[appkeys.READINESS] = ReadinessCache(lambda: health.check_readiness(app))
     app.cleanup_ctx.extend(
-        [database, request_log, auth, rate_limiter, token_limiter, backend_session]
+        [database, request_log, auth, rate_limiter, token_limiter, listener, backend_session]
     )
     app.on_response_prepare.append(handlers.add_gateway_headers)
     app.on_response_prepare.append(note_response)
@@ -123,11 +124,8 @@ async def auth(app: web.Application) -> AsyncIterator[None]:
     cache = AuthCache()
     app[appkeys.AUTHENTICATOR] = Authenticator(pool, cache, config.auth_outage_grace_seconds)
     watch = RevocationWatch(pool, app[appkeys.INFLIGHT])
-    listener = asyncio.create_task(listen_for_changes(config.dsn, cache, watch.changed))
+    app[appkeys.AUTH_SUBSCRIPTION] = change_subscription(cache, watch.changed)
     yield
-    listener.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await listener
     await watch.close()
 
 
@@ -156,17 +154,28 @@ async def token_limiter(app: web.Application) -> AsyncIterator[None]:
         on_replayed=app[appkeys.METRICS].charge_batches_replayed.inc,
     )
     app[appkeys.TOKEN_LIMITER] = limiter
-    tasks = [
-        asyncio.create_task(limiter.run()),
-        asyncio.create_task(listen_for_charges(config.dsn, limiter)),
-    ]
+    app[appkeys.TOKEN_SUBSCRIPTION] = charge_subscription(limiter)
+    flusher = asyncio.create_task(limiter.run())
     yield
-    for task in tasks:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    flusher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await flusher
     # Before the pool closes: the charges not yet written.
     await limiter.close()
+
+
+async def listener(app: web.Application) -> AsyncIterator[None]:
+    """One LISTEN connection for the gateway, for auth's channel and the token limiter's.
+
+    Cancelled before auth and the token limiter close (cleanup runs in reverse), so no
+    notification reaches an owner that has shut down.
+    """
+    subscriptions = [app[appkeys.AUTH_SUBSCRIPTION], app[appkeys.TOKEN_SUBSCRIPTION]]
+    task = asyncio.create_task(listen_forever(app[appkeys.CONFIG].dsn, subscriptions))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def backend_session(app: web.Application) -> AsyncIterator[None]:

@@ -9,6 +9,7 @@ from proxy.authlimit import AuthFailureLimiter
 from proxy.config import ProxyConfig
 from proxy.forward import Forwarder
 from proxy.inflight import InFlight, InFlightRequests
+from proxy.listener import Subscription
 from proxy.metrics import Metrics
 from proxy.pool import BackendPool
 from proxy.probe import BackendProber
@@ -37,6 +38,9 @@ AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)
 READINESS = web.AppKey("readiness", ReadinessCache)
 ME_CACHE = web.AppKey("me_cache", UserFiguresCache)
 TOKEN_LIMITER = web.AppKey("token_limiter", TokenLimiter)
+# What auth and the token limiter each hear on the gateway's one LISTEN connection.
+AUTH_SUBSCRIPTION = web.AppKey("auth_subscription", Subscription)
+TOKEN_SUBSCRIPTION = web.AppKey("token_subscription", Subscription)
 
 RECORD = web.RequestKey("record", RequestRecord)
 DECISION = web.RequestKey("decision", Decision)

@@ -3,7 +3,8 @@
 The cache makes the hot path free of database round trips. It stays correct because
 PostgreSQL notifies every gateway (LISTEN/NOTIFY, sent by triggers) when users or keys
 change, and the cache is then emptied; revocation reaches all gateways within about a
-notification's latency. While the notification connection is down, every request goes
+notification's latency (auth's channel is one of those the gateway's one LISTEN
+connection hears, proxy/listener.py). While that connection is down, every request goes
 to the database, and if the database itself is unreachable, keys whose valid verdict was
 known to be current within LLAMA_PROXY_AUTH_OUTAGE_GRACE_SECONDS keep working (0: none);
 everything else gets 503.
@@ -27,7 +28,7 @@ import asyncpg
 from proxy import store
 from proxy.errors import unauthorized, unavailable
 from proxy.keys import digest_key, is_plausible_key
-from proxy.listener import Subscription, listen_forever
+from proxy.listener import Subscription
 from proxy.migrations import AUTH_CHANNEL
 
 log = logging.getLogger(__name__)
@@ -233,13 +234,11 @@ def _ttl(entry: CacheEntry) -> float:
     return CACHE_TTL_SECONDS if entry.record is not None else UNKNOWN_TTL_SECONDS
 
 
-async def listen_for_changes(
-    dsn: str, cache: AuthCache, on_change: Callable[[], None] = lambda: None
-) -> None:
-    """Forever: LISTEN for user and key changes, empty the cache and call on_change on each.
-
-    The connection is proxy/listener.py's: it reconnects whatever goes wrong, because
-    without it revocations would go unnoticed.
+def change_subscription(
+    cache: AuthCache, on_change: Callable[[], None] = lambda: None
+) -> Subscription:
+    """Auth's part of the gateway's LISTEN connection (proxy/listener.py): on each user or
+    key change, empty the cache and call on_change; distrust the cache while not listening.
     """
 
     def changed() -> None:
@@ -254,12 +253,10 @@ async def listen_for_changes(
     def stop_listening() -> None:
         cache.is_listening = False
 
-    subscription = Subscription(
-        label="auth listener",
+    return Subscription(
         channel=AUTH_CHANNEL,
         on_notify=lambda _payload: changed(),
         on_listening=start_listening,
         on_lost=stop_listening,
         on_probe=lambda: cache.confirm(time.monotonic()),
     )
-    await listen_forever(dsn, subscription)

@@ -1,16 +1,19 @@
-"""One LISTEN connection that outlives anything: it reconnects, and probes for a silent loss.
+"""The gateway's one LISTEN connection: it outlives anything, reconnects, and probes for a
+silent loss.
 
 Auth (AUTH_CHANNEL: users or keys changed) and the token limiter (TOKEN_CHANNEL: another
-gateway charged tokens) both hear the other gateways this way, each on a connection of
-its own. While a listener is not connected its owner must not trust what it cached, so
-the owner is told when listening starts and when it stops.
+gateway charged tokens) both hear the other gateways through it: each owner builds a
+Subscription for its channel, and one connection LISTENs on all of them, so a gateway
+holds one notification connection whatever it listens for. While that connection is down
+no owner may trust what it cached, so every owner is told when listening starts and when
+it stops, and each keeps its own state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -20,9 +23,9 @@ from proxy import store
 log = logging.getLogger(__name__)
 
 RETRY_SECONDS = 1.0
-# How often a listener probes its connection; a silent loss is noticed within twice this.
+# How often the listener probes its connection; a silent loss is noticed within twice this.
 PROBE_SECONDS = 2.0
-# How its connection shows in pg_stat_activity, so an operator can tell it from the pool's.
+# How the connection shows in pg_stat_activity, so an operator can tell it from the pool's.
 APPLICATION_NAME = "llamagate listener"
 
 
@@ -32,9 +35,8 @@ def _nothing() -> None:
 
 @dataclass(frozen=True)
 class Subscription:
-    """What one listener hears, and whom it tells."""
+    """What one owner hears on its channel, and what it is told about the connection."""
 
-    label: str  # names the listener in log lines, such as "auth listener"
     channel: str
     on_notify: Callable[[str], None]  # called with each notification's payload
     # LISTEN is in place (again): what was sent while nobody listened was missed.
@@ -44,13 +46,19 @@ class Subscription:
     on_probe: Callable[[], None] = _nothing
 
 
-async def listen_forever(dsn: str, subscription: Subscription) -> None:
-    """Forever: LISTEN on the subscription's channel; reconnect whenever cut off.
+def name_of(subscriptions: Sequence[Subscription]) -> str:
+    """The listener as log lines name it, with its channels."""
+    return f"database listener ({', '.join(s.channel for s in subscriptions)})"
+
+
+async def listen_forever(dsn: str, subscriptions: Sequence[Subscription]) -> None:
+    """Forever: LISTEN on every subscription's channel, on one connection; reconnect
+    whenever cut off.
 
     Nothing but cancellation ends this loop: whatever goes wrong, the listener logs it,
     waits a moment and reconnects, because without it changes would go unnoticed.
     """
-    label = subscription.label
+    label = name_of(subscriptions)
     has_warned = False
     while True:
         try:
@@ -64,23 +72,29 @@ async def listen_forever(dsn: str, subscription: Subscription) -> None:
         else:
             has_warned = False
             try:
-                await listen_until_lost(conn, subscription)
+                await listen_until_lost(conn, subscriptions)
             except store.UNAVAILABLE_ERRORS as error:
                 log.warning("%s lost its connection (%s)", label, type(error).__name__)
             except Exception:  # noqa: BLE001 - see the docstring
                 log.exception("%s: unexpected error; reconnecting", label)
             finally:
-                subscription.on_lost()
+                for subscription in subscriptions:
+                    subscription.on_lost()
                 conn.terminate()
         await asyncio.sleep(RETRY_SECONDS)
 
 
-async def listen_until_lost(conn: asyncpg.Connection, subscription: Subscription) -> None:
+async def listen_until_lost(
+    conn: asyncpg.Connection, subscriptions: Sequence[Subscription]
+) -> None:
     """LISTEN on one connection until it is lost (or a probe fails)."""
     lost = asyncio.get_running_loop().create_future()
     conn.add_termination_listener(lambda _conn: lost.done() or lost.set_result(None))
-    await conn.add_listener(subscription.channel, lambda *args: subscription.on_notify(args[-1]))
-    subscription.on_listening()
+    for subscription in subscriptions:
+        await conn.add_listener(subscription.channel, deliver_to(subscription))
+    # Told only once every LISTEN is in place: one that fails then tells no owner it is heard.
+    for subscription in subscriptions:
+        subscription.on_listening()
     # The termination callback is not fired when the server vanishes without a word
     # (kill -9, network), so also probe now and then.
     while not lost.done():
@@ -88,4 +102,11 @@ async def listen_until_lost(conn: asyncpg.Connection, subscription: Subscription
             await asyncio.wait_for(asyncio.shield(lost), timeout=PROBE_SECONDS)
         except TimeoutError:
             await conn.fetchval("SELECT 1", timeout=PROBE_SECONDS)
-            subscription.on_probe()
+            for subscription in subscriptions:
+                subscription.on_probe()
+
+
+def deliver_to(subscription: Subscription) -> Callable[..., None]:
+    """asyncpg's listener callback (connection, pid, channel, payload) for one owner."""
+    # A function of its own: a lambda made in the loop would see only its last subscription.
+    return lambda *args: subscription.on_notify(args[-1])

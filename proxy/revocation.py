@@ -1,10 +1,10 @@
 """Revocation reaches work already admitted: on every auth change, re-check the keys in flight.
 
-The auth listener calls `changed()` on each notification. One query then asks the
-database about every key that has a request waiting or relaying on this gateway (none:
-no query), and the requests of keys that were revoked or deleted, or whose user was
-disabled or deleted, are ended (proxy/inflight.py). A burst of notifications costs
-one check running and at most one more queued behind it.
+Auth's part of the gateway's LISTEN connection calls `changed()` on each notification. One
+query then asks the database about every key that has a request waiting or relaying on
+this gateway (none: no query), and the requests of keys that were revoked or deleted, or
+whose user was disabled or deleted, are ended (proxy/inflight.py). A burst of
+notifications costs one check running and at most one more queued behind it.
 """
 
 from __future__ import annotations

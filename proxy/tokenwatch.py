@@ -1,28 +1,26 @@
 """Hears other gateways' token charges (LISTEN on TOKEN_CHANNEL) for the token limiter.
 
-While this listener is not connected, the limiter treats every user as shared and asks
-the database before admitting them, so a lost connection costs round trips, never
-exactness. The connection itself is proxy/listener.py's, as auth's is.
+While the gateway's LISTEN connection is down, the limiter treats every user as shared and
+asks the database before admitting them, so a lost connection costs round trips, never
+exactness. The connection itself is proxy/listener.py's, shared with auth's channel.
 """
 
 from __future__ import annotations
 
-from proxy.listener import Subscription, listen_forever
+from proxy.listener import Subscription
 from proxy.migrations import TOKEN_CHANNEL
 from proxy.tokenlimit import TokenLimiter
 
 
-async def listen_for_charges(dsn: str, limiter: TokenLimiter) -> None:
-    """Forever: pass other gateways' charges to the limiter; reconnect when cut off."""
+def charge_subscription(limiter: TokenLimiter) -> Subscription:
+    """The token limiter's part of the gateway's LISTEN connection: other gateways' charges."""
 
     def stop_listening() -> None:
         limiter.is_listening = False
 
-    subscription = Subscription(
-        label="token listener",
+    return Subscription(
         channel=TOKEN_CHANNEL,
         on_notify=limiter.note_foreign_charge,
         on_listening=limiter.start_listening,
         on_lost=stop_listening,
     )
-    await listen_forever(dsn, subscription)

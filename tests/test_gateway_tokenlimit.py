@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from gatewayhelpers import add_user, bearer, chat, wait_until
 
-from proxy import appkeys
+from proxy import appkeys, listener
 from proxy.tokenbudget import MINUTE
 
 pytest_plugins = ["gatewayfixture"]
@@ -212,3 +212,20 @@ async def test_the_database_merges_charges_of_the_same_instant(db):
     )
     assert answers[-1].counts == (150,) and len(answers[-1].stamps) == 1
     assert answers[-1].day_used == answers[-1].month_used == 150
+
+
+@pytest.mark.asyncio
+async def test_a_gateway_holds_one_listen_connection_for_auth_and_token_charges(start_gateway, db):
+    gateway = await start_gateway(tokens_per_minute=1000)
+    cache, limiter = gateway.app[appkeys.AUTHENTICATOR].cache, gateway.app[appkeys.TOKEN_LIMITER]
+    await wait_until(lambda: cache.is_listening and limiter.is_listening, "both to listen")
+    # Counted by the application_name the listener gives its connections: the
+    # pg_listening_channels() of one session shows only its own, and pg_stat_activity's
+    # query column only a connection's last statement (the probe's SELECT 1 soon replaces
+    # the LISTENs). This test's database is its own, so no other gateway's is counted.
+    count = await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND application_name = $1",
+        listener.APPLICATION_NAME,
+    )
+    assert count == 1
