@@ -5,11 +5,17 @@ front of that upstream, with auth, rate limit, fair queue and request log all on
 upstream answers in microseconds, so the difference is the gateway's own cost. Unloaded
 means one connection, one request at a time; saturated means 32 connections, where
 latency is just connections / throughput, so throughput is the figure that counts.
+
+Two floors run in front of the same upstream too: a bare Python TCP pipe
+(runtime/bench/pipe.py) and aiohttp's server and client with nothing else
+(runtime/bench/bareproxy.py). They show what any Python relay, and the gateway's HTTP
+stack alone, cost on this machine, so that its figures can be read against them.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 from runtime import proctable
 from runtime.bench.client import chat
@@ -26,8 +32,18 @@ MIN_REQUESTS_PER_SECOND = 3000
 MAX_RSS_MB = 80.0
 
 
-def measure_overhead(upstream_url: str, gateway_url: str, key: str, seconds: float) -> list[Row]:
-    """Rows for scenario 1; the same body and headers on both paths."""
+@dataclass(frozen=True)
+class Floors:
+    """Where the two floors listen, both in front of the same canned upstream."""
+
+    pipe_url: str  # a bare TCP pipe (runtime/bench/pipe.py)
+    bare_url: str  # aiohttp's server and client, nothing else (runtime/bench/bareproxy.py)
+
+
+def measure_overhead(
+    upstream_url: str, gateway_url: str, floors: Floors, key: str, seconds: float
+) -> list[Row]:
+    """Rows for scenario 1; the same body and headers on every path."""
     body = json.dumps(chat("Say hello.", 16, seed=1))
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
 
@@ -38,11 +54,15 @@ def measure_overhead(upstream_url: str, gateway_url: str, key: str, seconds: flo
     # connections; the figures are about the steady state.
     load(gateway_url, SATURATING_CONNECTIONS, WARMUP_SECONDS)
     unloaded = (load(upstream_url, 1), load(gateway_url, 1))
+    floors_1 = (load(floors.pipe_url, 1), load(floors.bare_url, 1))
     saturated = (
         load(upstream_url, SATURATING_CONNECTIONS),
         load(gateway_url, SATURATING_CONNECTIONS),
     )
-    return overhead_rows(unloaded, saturated)
+    bare_n = load(floors.bare_url, SATURATING_CONNECTIONS)
+    return overhead_rows(unloaded, saturated) + floor_rows(
+        unloaded[0], floors_1, saturated[0], bare_n
+    )
 
 
 def overhead_rows(
@@ -71,6 +91,32 @@ def overhead_rows(
         Row(scenario, "errors and non-2xx answers", "count",
             direct_1.errors + direct_n.errors, gateway_1.errors + gateway_n.errors, None,
             "0", gateway_1.errors + gateway_n.errors == 0),
+    ]  # fmt: skip
+
+
+def floor_rows(
+    direct_1: WrkResult,
+    floors_1: tuple[WrkResult, WrkResult],
+    direct_n: WrkResult,
+    bare_n: WrkResult,
+) -> list[Row]:
+    """What the floors add on this machine, measured in the same run: the part of the
+    gateway's figures above that any Python relay, or aiohttp alone, would cost here."""
+    scenario = "1 overhead"
+    pipe_1, bare_1 = floors_1
+    pipe, bare = "bare Python TCP pipe (floor)", "bare aiohttp forwarder (floor)"
+    conns = SATURATING_CONNECTIONS
+    return [
+        Row(scenario, f"p50 latency, 1 connection, {pipe}", "ms", direct_1.p50_ms,
+            pipe_1.p50_ms, ADDED),
+        Row(scenario, f"p99 latency, 1 connection, {pipe}", "ms", direct_1.p99_ms,
+            pipe_1.p99_ms, ADDED),
+        Row(scenario, f"p50 latency, 1 connection, {bare}", "ms", direct_1.p50_ms,
+            bare_1.p50_ms, ADDED),
+        Row(scenario, f"p99 latency, 1 connection, {bare}", "ms", direct_1.p99_ms,
+            bare_1.p99_ms, ADDED),
+        Row(scenario, f"requests/s, {conns} connections, {bare}", "req/s",
+            direct_n.requests_per_second, bare_n.requests_per_second, RATIO),
     ]  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from runtime.bench.stack import (
     free_port,
     free_port_run,
     private_root,
+    start_floor,
     start_overhead_gateway,
     start_side_gateway,
     start_upstream,
@@ -122,15 +123,22 @@ def run_overhead(
     """Scenarios 1, 6 and 5 (as chosen); the upstream and its gateway stop when `exits` closes."""
     upstream_port = start_upstream(exits)
     gateway_url, gateway_pid = start_overhead_gateway(stack, upstream_port, exits)
+    pipe_url, pipe_pid = start_floor(exits, "runtime.bench.pipe", upstream_port)
     if options.runs("overhead"):
         echo(
             f"scenario 1: overhead against a canned upstream (wrk, {options.seconds:.0f}s per run)"
         )
         upstream_url = f"http://127.0.0.1:{upstream_port}"
-        report.rows += overhead.measure_overhead(upstream_url, gateway_url, key, options.seconds)
+        bare_url, _ = start_floor(exits, "runtime.bench.bareproxy", upstream_port)
+        floors = overhead.Floors(pipe_url, bare_url)
+        report.rows += overhead.measure_overhead(
+            upstream_url, gateway_url, floors, key, options.seconds
+        )
     if options.runs("relay"):
         echo(f"scenario 6: {relay.DESCRIPTION}")
-        report.rows += relay.measure_relay(gateway_url, key, gateway_pid, options.relay_streams)
+        report.rows += relay.measure_relay(
+            gateway_url, key, gateway_pid, pipe_url, pipe_pid, options.relay_streams
+        )
     if not options.runs("overhead"):
         return
     report.rows.append(overhead.memory_row(gateway_pid))

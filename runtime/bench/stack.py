@@ -159,15 +159,30 @@ def start_upstream(exits: contextlib.ExitStack, *options: str, port: int | None 
     """The canned upstream in a process of its own (`options` go to its command line); its
     first port."""
     port = port or free_port()
+    start_bench_process(exits, "runtime.bench.upstream", str(port), *options)
+    wait_for_port(port)
+    return port
+
+
+def start_floor(exits: contextlib.ExitStack, module: str, target_port: int) -> tuple[str, int]:
+    """A floor in front of `target_port` (runtime/bench/pipe.py or bareproxy.py, as
+    `module` says): its URL and pid."""
+    port = free_port()
+    process = start_bench_process(exits, module, str(port), str(target_port))
+    wait_for_port(port)
+    return f"http://127.0.0.1:{port}", process.pid
+
+
+def start_bench_process(exits: contextlib.ExitStack, module: str, *args: str) -> subprocess.Popen:
+    """`python -m module args` in a session of its own, stopped when `exits` closes."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "runtime.bench.upstream", str(port), *options],
+        [sys.executable, "-m", module, *args],
         cwd=CODE_DIR,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
     exits.callback(stop_process_group, process)
-    wait_for_port(port)
-    return port
+    return process
 
 
 def free_port_run(count: int, avoid: int) -> int:
