@@ -17,6 +17,7 @@ from conftest import clean_environ, processes_matching
 
 from runtime.bench.capacity import Capacity, capacity_rows, percentile, setups_for
 from runtime.bench.errors import BenchError
+from runtime.bench.rawproxy import cut_message
 from runtime.bench.scaleout import scaleout_rows
 from runtime.bench.scenarios import SCENARIOS, BenchOptions, parse_only
 from runtime.settings import CODE_DIR
@@ -35,6 +36,8 @@ EXPECTED_ROWS = [
     ("1 overhead", "latency at 32 connections", True),
     ("1 overhead", "p99 latency, 1 connection, bare Python TCP pipe (floor)", True),
     ("1 overhead", "p99 latency, 1 connection, bare aiohttp forwarder (floor)", True),
+    ("1 overhead", "p99 latency, 1 connection, bare asyncio HTTP forwarder (floor)", True),
+    ("1 overhead", "requests/s, 32 connections, bare asyncio HTTP forwarder (floor)", True),
     ("1 overhead", "requests/s, 32 connections, bare aiohttp forwarder (floor)", True),
     ("5 memory", "gateway RSS", False),
     ("6 relay cost", "gateway CPU per content chunk", False),
@@ -130,3 +133,12 @@ def test_percentile_is_the_nearest_rank_and_scaleout_is_measured_against_linear(
         (10.0, 9.0, True),
         (20.0, 17.0, False),  # 85% of linear
     ]
+
+
+def test_the_raw_forwarder_cuts_whole_messages_by_head_and_content_length():
+    request = b"POST /v1/x HTTP/1.1\r\nHost: a\r\ncontent-LENGTH: 5\r\n\r\nhello"
+    assert cut_message(request[:20]) is None  # the head is not whole yet
+    assert cut_message(request[:-1]) is None  # nor the body
+    assert cut_message(request + b"GET / HTTP") == (request, b"GET / HTTP")  # pipelined
+    no_body = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    assert cut_message(no_body) == (no_body, b"")

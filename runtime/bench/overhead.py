@@ -6,10 +6,12 @@ upstream answers in microseconds, so the difference is the gateway's own cost. U
 means one connection, one request at a time; saturated means 32 connections, where
 latency is just connections / throughput, so throughput is the figure that counts.
 
-Two floors run in front of the same upstream too: a bare Python TCP pipe
-(runtime/bench/pipe.py) and aiohttp's server and client with nothing else
-(runtime/bench/bareproxy.py). They show what any Python relay, and the gateway's HTTP
-stack alone, cost on this machine, so that its figures can be read against them.
+Three floors run in front of the same upstream too: a bare Python TCP pipe
+(runtime/bench/pipe.py), HTTP forwarding on bare asyncio protocols
+(runtime/bench/rawproxy.py), and aiohttp's server and client with nothing else
+(runtime/bench/bareproxy.py). They show what any Python relay, an HTTP edge without a
+library, and the gateway's HTTP library alone cost on this machine, so that the
+gateway's figures can be read against them.
 """
 
 from __future__ import annotations
@@ -33,15 +35,15 @@ MAX_RSS_MB = 80.0
 
 
 @dataclass(frozen=True)
-class Floors:
-    """Where the two floors listen, both in front of the same canned upstream."""
+class Floor:
+    """A stand-in in front of the same canned upstream, and where it listens."""
 
-    pipe_url: str  # a bare TCP pipe (runtime/bench/pipe.py)
-    bare_url: str  # aiohttp's server and client, nothing else (runtime/bench/bareproxy.py)
+    label: str
+    url: str
 
 
 def measure_overhead(
-    upstream_url: str, gateway_url: str, floors: Floors, key: str, seconds: float
+    upstream_url: str, gateway_url: str, floors: list[Floor], key: str, seconds: float
 ) -> list[Row]:
     """Rows for scenario 1; the same body and headers on every path."""
     body = json.dumps(chat("Say hello.", 16, seed=1))
@@ -54,15 +56,16 @@ def measure_overhead(
     # connections; the figures are about the steady state.
     load(gateway_url, SATURATING_CONNECTIONS, WARMUP_SECONDS)
     unloaded = (load(upstream_url, 1), load(gateway_url, 1))
-    floors_1 = (load(floors.pipe_url, 1), load(floors.bare_url, 1))
+    floors_1 = [load(floor.url, 1) for floor in floors]
     saturated = (
         load(upstream_url, SATURATING_CONNECTIONS),
         load(gateway_url, SATURATING_CONNECTIONS),
     )
-    bare_n = load(floors.bare_url, SATURATING_CONNECTIONS)
-    return overhead_rows(unloaded, saturated) + floor_rows(
-        unloaded[0], floors_1, saturated[0], bare_n
-    )
+    floors_n = [load(floor.url, SATURATING_CONNECTIONS) for floor in floors]
+    rows = overhead_rows(unloaded, saturated)
+    for floor, floor_1, floor_n in zip(floors, floors_1, floors_n, strict=True):
+        rows += floor_rows(floor.label, (unloaded[0], floor_1), (saturated[0], floor_n))
+    return rows
 
 
 def overhead_rows(
@@ -95,28 +98,20 @@ def overhead_rows(
 
 
 def floor_rows(
-    direct_1: WrkResult,
-    floors_1: tuple[WrkResult, WrkResult],
-    direct_n: WrkResult,
-    bare_n: WrkResult,
+    label: str, unloaded: tuple[WrkResult, WrkResult], saturated: tuple[WrkResult, WrkResult]
 ) -> list[Row]:
-    """What the floors add on this machine, measured in the same run: the part of the
-    gateway's figures above that any Python relay, or aiohttp alone, would cost here."""
+    """What one floor adds on this machine, measured in the same run as the gateway: the
+    part of the gateway's figures that it, too, would cost here."""
+    (direct_1, floor_1), (direct_n, floor_n) = unloaded, saturated
     scenario = "1 overhead"
-    pipe_1, bare_1 = floors_1
-    pipe, bare = "bare Python TCP pipe (floor)", "bare aiohttp forwarder (floor)"
     conns = SATURATING_CONNECTIONS
     return [
-        Row(scenario, f"p50 latency, 1 connection, {pipe}", "ms", direct_1.p50_ms,
-            pipe_1.p50_ms, ADDED),
-        Row(scenario, f"p99 latency, 1 connection, {pipe}", "ms", direct_1.p99_ms,
-            pipe_1.p99_ms, ADDED),
-        Row(scenario, f"p50 latency, 1 connection, {bare}", "ms", direct_1.p50_ms,
-            bare_1.p50_ms, ADDED),
-        Row(scenario, f"p99 latency, 1 connection, {bare}", "ms", direct_1.p99_ms,
-            bare_1.p99_ms, ADDED),
-        Row(scenario, f"requests/s, {conns} connections, {bare}", "req/s",
-            direct_n.requests_per_second, bare_n.requests_per_second, RATIO),
+        Row(scenario, f"p50 latency, 1 connection, {label} (floor)", "ms", direct_1.p50_ms,
+            floor_1.p50_ms, ADDED),
+        Row(scenario, f"p99 latency, 1 connection, {label} (floor)", "ms", direct_1.p99_ms,
+            floor_1.p99_ms, ADDED),
+        Row(scenario, f"requests/s, {conns} connections, {label} (floor)", "req/s",
+            direct_n.requests_per_second, floor_n.requests_per_second, RATIO),
     ]  # fmt: skip
 
 

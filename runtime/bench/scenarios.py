@@ -37,6 +37,11 @@ from runtime.bench.stack import (
 from runtime.replicas import default_threads
 
 Echo = Callable[[str], None]
+# The HTTP floors of scenario 1, beside the bare pipe it shares with scenario 6.
+FLOOR_FORWARDERS = (
+    ("bare asyncio HTTP forwarder", "runtime.bench.rawproxy"),
+    ("bare aiohttp forwarder", "runtime.bench.bareproxy"),
+)
 # What --only takes; "overhead" includes scenario 5 (the gateway's memory after it).
 SCENARIOS = ("overhead", "relay", "scaleout", "streaming", "fairness", "restart", "capacity")
 
@@ -129,8 +134,9 @@ def run_overhead(
             f"scenario 1: overhead against a canned upstream (wrk, {options.seconds:.0f}s per run)"
         )
         upstream_url = f"http://127.0.0.1:{upstream_port}"
-        bare_url, _ = start_floor(exits, "runtime.bench.bareproxy", upstream_port)
-        floors = overhead.Floors(pipe_url, bare_url)
+        floors = [overhead.Floor("bare Python TCP pipe", pipe_url)]
+        for label, module in FLOOR_FORWARDERS:
+            floors.append(overhead.Floor(label, start_floor(exits, module, upstream_port)[0]))
         report.rows += overhead.measure_overhead(
             upstream_url, gateway_url, floors, key, options.seconds
         )
