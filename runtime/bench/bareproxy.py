@@ -10,11 +10,12 @@ bare TCP pipe (runtime/bench/pipe.py) is the floor for those.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+
+from runtime.bench.floorcli import parse_ports
 
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 TARGET = web.AppKey("target", str)
@@ -45,16 +46,11 @@ def make_app(target_port: int) -> web.Application:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime.bench.bareproxy",
-        description="aiohttp's server and client forwarding POSTs: the bench's HTTP floor.",
+    port, target_port = parse_ports(
+        "runtime.bench.bareproxy",
+        "aiohttp's server and client forwarding POSTs: the bench's HTTP floor.",
     )
-    parser.add_argument("port", type=int, help="where it listens, on 127.0.0.1")
-    parser.add_argument("target_port", type=int, help="where it forwards, on 127.0.0.1")
-    args = parser.parse_args()
-    web.run_app(
-        make_app(args.target_port), host="127.0.0.1", port=args.port, print=None, access_log=None
-    )
+    web.run_app(make_app(target_port), host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,9 @@ prints both next to the gateway's, so that a target can be read against this mac
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
+
+from runtime.bench.floorcli import parse_ports, serve_protocol
 
 
 class Half(asyncio.Protocol):
@@ -68,24 +68,12 @@ class ClientHalf(Half):
         self.transport.resume_reading()
 
 
-async def serve(port: int, target_port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: ClientHalf(target_port), "127.0.0.1", port)
-    print(f"bare pipe listening on 127.0.0.1:{port}, to 127.0.0.1:{target_port}", flush=True)
-    async with server:
-        await server.serve_forever()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime.bench.pipe",
-        description="A bare TCP pipe to 127.0.0.1:TARGET_PORT: the bench's floor for Python.",
+    port, target_port = parse_ports(
+        "runtime.bench.pipe",
+        "A bare TCP pipe to 127.0.0.1:TARGET_PORT: the bench's floor for Python.",
     )
-    parser.add_argument("port", type=int, help="where the pipe listens, on 127.0.0.1")
-    parser.add_argument("target_port", type=int, help="where it forwards, on 127.0.0.1")
-    args = parser.parse_args()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.target_port))
+    serve_protocol(lambda: ClientHalf(target_port), port)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ edge was written on asyncio's protocols could reach here.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
+
+from runtime.bench.floorcli import parse_ports, serve_protocol
 
 HEAD_END = b"\r\n\r\n"
 
@@ -106,24 +106,12 @@ class ClientSide(asyncio.Protocol):
         self.forward_next()
 
 
-async def serve(port: int, target_port: int) -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: ClientSide(target_port), "127.0.0.1", port)
-    async with server:
-        await server.serve_forever()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m runtime.bench.rawproxy",
-        description="HTTP forwarding on bare asyncio protocols: the bench's floor without "
-        "an HTTP library.",
+    port, target_port = parse_ports(
+        "runtime.bench.rawproxy",
+        "HTTP forwarding on bare asyncio protocols: the bench's floor without an HTTP library.",
     )
-    parser.add_argument("port", type=int, help="where it listens, on 127.0.0.1")
-    parser.add_argument("target_port", type=int, help="where it forwards, on 127.0.0.1")
-    args = parser.parse_args()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.port, args.target_port))
+    serve_protocol(lambda: ClientSide(target_port), port)
 
 
 if __name__ == "__main__":
