@@ -177,9 +177,12 @@ class RawAnswer(asyncio.Protocol):
             self._fail_head(str(error))
             return
         assert self.transport is not None
-        self.transport.pause_reading()  # until a relay takes the body, or read() does
         self.head.set_result(None)
         self.data_received(received[head_end + 4 :])
+        # Until a relay takes the body, or read() does. A body that came whole with its
+        # head (most whole answers) needs no pause: two system calls fewer per request.
+        if not self.is_ended:
+            self.transport.pause_reading()
 
     def _parse_head(self, head: bytes) -> None:
         status_line, *lines = head.decode("latin-1").split("\r\n")

@@ -1,7 +1,8 @@
 """proxy/rawpool.py: whole answers over kept-alive connections, against a raw HTTP server.
 
 The upstream is a bare asyncio server, so a test decides exactly what each connection
-sends and when it closes, and counts the connections it accepted.
+sends and when it closes, and counts the connections it accepted; the last test goes
+through a gateway (the real PostgreSQL) to the fake backend (tests/fakeupstream.py).
 """
 
 from __future__ import annotations
@@ -11,12 +12,17 @@ import asyncio
 import aiohttp
 import pytest
 import pytest_asyncio
-from gatewayhelpers import DEADLINE
+from aiohttp import web
+from fakeupstream import FakeUpstream
+from gatewayhelpers import add_user, bearer, chat, wait_until
 
+from proxy import appkeys
 from proxy.dispatch import Dispatcher
 from proxy.pool import BackendPool
 from proxy.rawpool import KeepAlivePool
 from proxy.rawupstream import UpstreamBroke
+
+pytest_plugins = ["gatewayfixture"]
 
 ROUTE = "/v1/chat/completions"
 BODY = b'{"messages": []}'
@@ -62,13 +68,6 @@ class KeepAliveUpstream:
         """Close every connection from this side, as uvicorn does after its keep-alive."""
         for writer in self.writers:
             writer.close()
-
-
-async def wait_until(condition, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + DEADLINE
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, f"waited too long for {what}"
-        await asyncio.sleep(0.01)
 
 
 @pytest_asyncio.fixture
@@ -216,3 +215,45 @@ async def test_idle_connections_are_dropped_after_their_time_and_beyond_the_cap(
     await wait_until(lambda: upstream.closed == 2, "the idle connection to expire")
     assert pool.idle_count(url) == 0
     pool.close()
+
+
+class PeerNotingUpstream(FakeUpstream):
+    """The fake backend, noting the gateway's end of each connection a request came on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peers: list[object] = []
+
+    def make_app(self) -> web.Application:
+        app = super().make_app()
+        app.middlewares.append(self.note_peer)
+        return app
+
+    @web.middleware
+    async def note_peer(self, request: web.Request, handler) -> web.StreamResponse:
+        if request.path != "/openapi.json":  # the prober's own session
+            assert request.transport is not None
+            self.peers.append(request.transport.get_extra_info("peername"))
+        return await handler(request)
+
+
+@pytest.mark.asyncio
+async def test_whole_answers_through_the_gateway_share_one_kept_alive_connection(
+    start_gateway, db, aiohttp_server
+):
+    upstream = PeerNotingUpstream()
+    server = await aiohttp_server(upstream.make_app())
+    url = str(server.make_url("")).rstrip("/")
+    gateway = await start_gateway(backend_url=url)
+    key = await add_user(db, "alice")
+    for path in ("/v1/chat/completions", "/v1/models", "/v1/chat/completions"):
+        if path == "/v1/models":
+            response = await gateway.get(path, headers=bearer(key))
+        else:
+            response = await gateway.post(path, json=chat(), headers=bearer(key))
+        assert response.status == 200, await response.text()
+        assert (await response.json())["choices" if "chat" in path else "data"]
+    assert len(upstream.peers) == 3 and len(set(upstream.peers)) == 1, upstream.peers
+    assert [seen.headers["Connection"] for seen in upstream.seen] == ["keep-alive"] * 3
+    dispatcher = gateway.app[appkeys.FORWARDER].dispatcher
+    assert dispatcher.connections.idle_count(url) == 1
