@@ -206,7 +206,9 @@ class KeepAlivePool:
         if not idle:
             return None
         connection = idle.pop()  # the newest: the least likely to be closed by now
-        if connection.is_lost:
+        # Lost, or aborted with its connection_lost still to come (it sent bytes while idle).
+        transport = connection.transport
+        if connection.is_lost or transport is None or transport.is_closing():
             return self._take_idle(url)
         if self.loop.time() - connection.idle_since >= self.idle_seconds:
             idle.append(connection)

@@ -117,6 +117,19 @@ async def test_a_connection_the_backend_closed_while_idle_is_never_handed_out(up
 
 
 @pytest.mark.asyncio
+async def test_a_connection_that_sends_bytes_while_idle_is_dropped(upstream_at):
+    upstream = KeepAliveUpstream()
+    url = await upstream_at(upstream)
+    pool = KeepAlivePool(idle_seconds=60)
+    await ask(pool, url)
+    upstream.writers[0].write(json_answer())  # an answer no request asked for
+    await wait_until(lambda: pool.idle_count(url) == 0, "the pool to drop the connection")
+    assert await ask(pool, url) == JSON
+    assert upstream.connections == 2
+    pool.close()
+
+
+@pytest.mark.asyncio
 async def test_a_reused_connection_closed_as_the_request_went_out_is_retried_on_a_new_one(
     upstream_at,
 ):
