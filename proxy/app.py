@@ -210,6 +210,7 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
     await prober.start()
     yield
     await prober.stop()
+    dispatcher.close()
     await session.close()
 
 

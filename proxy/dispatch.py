@@ -7,8 +7,10 @@ one was silent), or, while the console restarts the backends, does the request w
 one, up to LLAMA_PROXY_BACKEND_WAIT_SECONDS (then 503).
 
 A streamed request (`"stream": true`) goes over a connection of its own
-(proxy/rawupstream.py), so that its answer can be relayed below aiohttp; its failures
-before the first byte are handled the same way.
+(proxy/rawupstream.py), so that its answer can be relayed below aiohttp; any other
+request goes over a pooled keep-alive connection (proxy/rawpool.py). A reused one that
+fails before its first byte may just have been closed by the backend: the request is
+sent once more, on a new connection, before the backend counts as failed.
 """
 
 from __future__ import annotations
@@ -24,13 +26,12 @@ import aiohttp
 from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 from proxy.errors import GatewayError, bad_gateway, unavailable
 from proxy.pool import Backend, BackendPool, Lease
+from proxy.rawpool import KeepAlivePool, UpstreamStale
 from proxy.rawupstream import RawAnswer, UpstreamError, open_answer
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL_SECONDS = 0.1
-# Failures before any answer arrived: refused, reset, or a pooled connection gone stale.
-CONNECT_ERRORS = (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)
 
 
 class BackendFailed(Exception):
@@ -44,7 +45,10 @@ class BackendFailed(Exception):
 
 
 class Dispatcher:
-    """Finds each request a backend that answers, over one pooled session."""
+    """Finds each request a backend that answers, over pooled keep-alive connections.
+
+    The session is the prober's and the prompt counter's; its timeouts are the requests'.
+    """
 
     def __init__(
         self,
@@ -62,6 +66,11 @@ class Dispatcher:
         self.on_restart_wait = on_restart_wait
         self.restart_flag_max_age = restart_flag_max_age
         self._ignored_flag_mtime: float | None = None
+        self.connections = KeepAlivePool()
+
+    def close(self) -> None:
+        """Close the idle kept-alive connections (at shutdown)."""
+        self.connections.close()
 
     def is_restarting(self) -> bool:
         """True while the console restarts the backend (it keeps a flag file meanwhile).
@@ -97,7 +106,7 @@ class Dispatcher:
         body: bytes,
         headers: dict[str, str],
         is_stream: bool = False,
-    ) -> tuple[Lease, aiohttp.ClientResponse | RawAnswer]:
+    ) -> tuple[Lease, RawAnswer]:
         """A backend's response, trying each backend once; waits out a restart, else 502/503."""
         deadline = time.monotonic() + self.wait_seconds
         has_waited = False
@@ -142,7 +151,7 @@ class Dispatcher:
         body: bytes,
         headers: dict[str, str],
         is_stream: bool,
-    ) -> aiohttp.ClientResponse | RawAnswer:
+    ) -> RawAnswer:
         """The backend's response head; BackendFailed if it fails before its first byte."""
         try:
             return await self._request(backend, method, route, body, headers, is_stream)
@@ -150,7 +159,7 @@ class Dispatcher:
             if not failed.may_be_stale:
                 raise
         # Perhaps a pooled connection the backend had just closed: once more, on a new one.
-        return await self._request(backend, method, route, body, headers, is_stream)
+        return await self._request(backend, method, route, body, headers, is_stream, True)
 
     async def _request(
         self,
@@ -160,36 +169,36 @@ class Dispatcher:
         body: bytes,
         headers: dict[str, str],
         is_stream: bool,
-    ) -> aiohttp.ClientResponse | RawAnswer:
+        is_fresh: bool = False,
+    ) -> RawAnswer:
         # A failed health probe cancels this task's wait (the backend hangs); the task is
         # cancelled the way asyncio.timeout does it, which costs 6 us more per request.
         task = asyncio.current_task()
         assert task is not None
         waits = backend.first_byte_waits
         waits[task] = False
+        timeout = self.session.timeout
         try:
             if is_stream:
-                timeout = self.session.timeout
                 return await open_answer(
                     backend.url, method, route, body, headers,
                     timeout.sock_connect, timeout.sock_read,
                 )  # fmt: skip
-            return await self.session.request(
-                method, backend.url + route, data=body or None, headers=headers
-            )
+            return await self.connections.send(
+                backend.url, method, route, body, headers,
+                timeout.sock_connect, timeout.sock_read, is_fresh,
+            )  # fmt: skip
         except asyncio.CancelledError:
             # Unless the client went too (or the request cap ran out), it was only the probe.
             if waits[task] and task.uncancel() == 0:
                 raise BackendFailed("no answer, and it failed its health probe") from None
             raise
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
-            raise BackendFailed(type(error).__name__) from None  # nothing listens there
-        except CONNECT_ERRORS as error:
-            raise BackendFailed(type(error).__name__, may_be_stale=True) from None
         except TimeoutError as error:
             raise BackendFailed(type(error).__name__, is_timeout=True) from None
+        except UpstreamStale as error:
+            raise BackendFailed(str(error), may_be_stale=True) from None
         except UpstreamError as error:
-            # A connection of its own, never a stale pooled one: no retry on this backend.
+            # Refused, or no answer on a new connection: no retry on this backend.
             raise BackendFailed(str(error)) from None
         finally:
             del waits[task]

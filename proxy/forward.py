@@ -10,8 +10,9 @@ upstream response is closed, which makes llama_cpp.server stop generating. So it
 the client stops reading, or the answer runs past its time cap (proxy/deadlines.py).
 
 A request that asks for a stream gets its answer over a connection of its own, relayed
-in the socket's callbacks (proxy/rawupstream.py, proxy/rawrelay.py); any other event
-stream is relayed from aiohttp's reader (proxy/relay.py).
+in the socket's callbacks (proxy/rawupstream.py, proxy/rawrelay.py); any other request
+goes over a pooled keep-alive connection (proxy/rawpool.py), and its answer is read
+whole (or, should it be an event stream after all, relayed the same way).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ async def test_a_down_backend_that_answers_a_last_resort_request_is_back_in_the_
     async with aiohttp.ClientSession() as session:
         dispatcher = Dispatcher(session, pool, wait_seconds=1, restart_flag=None)
         lease, response = await dispatcher.send("POST", "/v1/chat/completions", b"{}", {})
-        response.release()
+        response.close()
+        dispatcher.close()
     pool.release(lease, is_failed=False)
     assert response.status == 200
     # Turns go to it again at once, not only after its next probe (up to a second later).

@@ -399,16 +399,19 @@ async def test_backend_down_gets_openai_502(start_gateway, db):
     assert body["error"]["code"] == "backend_unavailable"
 
 
-class CountingSession:
-    """Wraps the dispatcher's ClientSession to count its attempts at the backend."""
+class CountingConnections:
+    """Wraps the dispatcher's keep-alive pool to count its attempts at the backend."""
 
-    def __init__(self, session) -> None:
-        self.session = session
+    def __init__(self, connections) -> None:
+        self.connections = connections
         self.requests = 0
 
-    def request(self, *args, **kwargs):
+    async def send(self, *args, **kwargs):
         self.requests += 1
-        return self.session.request(*args, **kwargs)
+        return await self.connections.send(*args, **kwargs)
+
+    def close(self) -> None:
+        self.connections.close()
 
 
 @pytest.mark.asyncio
@@ -423,7 +426,7 @@ async def test_request_during_a_restart_waits_for_the_backend(
     )
     key = await add_user(db, "alice")
     dispatcher = gateway.app[appkeys.FORWARDER].dispatcher
-    dispatcher.session = attempts = CountingSession(dispatcher.session)
+    dispatcher.connections = attempts = CountingConnections(dispatcher.connections)
     pending = asyncio.create_task(
         gateway.post("/v1/chat/completions", json=chat(), headers=bearer(key))
     )
