@@ -40,7 +40,7 @@ from proxy.errors import GatewayError, bad_gateway, error_body
 from proxy.promptcount import PromptCounter, wants_usage
 from proxy.rawrelay import StreamRelay
 from proxy.rawupstream import RawAnswer, UpstreamError
-from proxy.relay import ClientWriter, pass_chunks
+from proxy.relay import ClientWriter
 from proxy.requestlog import RequestRecord
 from proxy.usage import UsageCounter
 
@@ -121,15 +121,12 @@ class Forwarder:
         )
 
     async def _relay_whole(
-        self, upstream: aiohttp.ClientResponse | RawAnswer, content_type: str, record: RequestRecord
+        self, upstream: RawAnswer, content_type: str, record: RequestRecord
     ) -> web.Response:
         try:
-            if isinstance(upstream, RawAnswer):
-                async with asyncio.timeout(self.dispatcher.session.timeout.sock_read):
-                    data = await upstream.read()
-            else:
+            async with asyncio.timeout(self.dispatcher.session.timeout.sock_read):
                 data = await upstream.read()
-        except (aiohttp.ClientError, UpstreamError, TimeoutError) as error:
+        except (UpstreamError, TimeoutError) as error:
             raise bad_gateway(f"the model backend broke off its answer ({error!r})") from None
         if content_type.startswith("application/json"):
             counter = UsageCounter()
@@ -144,7 +141,7 @@ class Forwarder:
     async def _relay_stream(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse | RawAnswer,
+        upstream: RawAnswer,
         content_type: str,
         record: RequestRecord,
         deadline: float,
@@ -178,17 +175,9 @@ class Forwarder:
         silence_seconds = self.dispatcher.session.timeout.sock_read
         try:
             async with cap:
-                if isinstance(upstream, RawAnswer):
-                    client = ClientWriter(response, request.transport, write_seconds)
-                    relay = StreamRelay(
-                        upstream, client, record, counter, before_done, silence_seconds
-                    )
-                    await relay.run()
-                else:
-                    await pass_chunks(
-                        upstream, response, request.transport, record, counter, write_seconds,
-                        before_done, silence_seconds,
-                    )  # fmt: skip
+                client = ClientWriter(response, request.transport, write_seconds)
+                relay = StreamRelay(upstream, client, record, counter, before_done, silence_seconds)
+                await relay.run()
         except ClientTooSlow as slow:
             # Leaving the `async with upstream` closes the upstream, so generation stops.
             self._drop_slow_client(request, record, slow)
