@@ -21,16 +21,14 @@ The rules that keep a reused connection safe:
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import cast
-from urllib.parse import urlsplit
 
 from proxy.rawupstream import (
     RawAnswer,
     UpstreamNoAnswer,
-    UpstreamUnreachable,
+    backend_address,
+    connect,
     request_bytes,
-    tls_context,
 )
 
 MAX_IDLE_PER_BACKEND = 64
@@ -150,7 +148,7 @@ class KeepAlivePool:
         Raises UpstreamUnreachable, UpstreamNoAnswer (UpstreamStale on a reused
         connection), or TimeoutError when the head takes longer than `answer_seconds`.
         """
-        netloc, path = _address(url)[2:]
+        address = backend_address(url)
         connection = None if is_fresh else self._take_idle(url)
         is_reused = connection is not None
         if connection is None:
@@ -159,7 +157,14 @@ class KeepAlivePool:
         try:
             assert connection.transport is not None
             connection.transport.write(
-                request_bytes(method, netloc, path + route, body, headers, is_keep_alive=True)
+                request_bytes(
+                    method,
+                    address.netloc,
+                    address.path + route,
+                    body,
+                    headers,
+                    is_keep_alive=True,
+                )  # fmt: skip
             )
             async with asyncio.timeout(answer_seconds):
                 await answer.head
@@ -230,29 +235,6 @@ class KeepAlivePool:
             self.sweeper = self.loop.call_at(next_due, self._sweep)
 
     async def _connect(self, url: str, connect_seconds: float | None) -> PooledConnection:
-        host, port, _, _ = _address(url)
-        context = tls_context() if url.startswith("https:") else None
-        try:
-            async with asyncio.timeout(connect_seconds):
-                _, connection = await self.loop.create_connection(
-                    lambda: PooledConnection(self, url),
-                    host,
-                    port,
-                    ssl=context,
-                    server_hostname=host if context else None,
-                )
-        except TimeoutError:
-            raise UpstreamUnreachable(f"no connection within {connect_seconds:g} s") from None
-        except OSError as error:
-            raise UpstreamUnreachable(
-                f"{type(error).__name__}: {error.strerror or error}"
-            ) from None
-        return connection
-
-
-@functools.lru_cache(maxsize=256)
-def _address(url: str) -> tuple[str, int, str, str]:
-    """Host, port, Host header and path prefix of a backend URL (parsed once per URL)."""
-    parts = urlsplit(url)
-    default_port = 443 if parts.scheme == "https" else 80
-    return parts.hostname or "127.0.0.1", parts.port or default_port, parts.netloc, parts.path
+        return await connect(
+            backend_address(url), lambda: PooledConnection(self, url), connect_seconds
+        )

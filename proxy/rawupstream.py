@@ -17,14 +17,18 @@ sink with UpstreamBroke.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import ssl
-from typing import Protocol, cast
+from collections.abc import Callable
+from typing import Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
 from proxy.dechunk import BadChunking, ChunkedDecoder
+
+P = TypeVar("P", bound=asyncio.Protocol)
 
 # Far more than llama_cpp.server's few headers; a longer head is not an HTTP answer.
 MAX_HEAD_BYTES = 64 * 1024
@@ -251,6 +255,46 @@ def tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
+@dataclasses.dataclass(frozen=True)
+class BackendAddress:
+    """Where a backend URL points, and what its requests say in their first lines."""
+
+    host: str
+    port: int
+    netloc: str  # the Host header
+    path: str  # prefixed to every route
+    tls: ssl.SSLContext | None
+
+
+@functools.lru_cache(maxsize=256)
+def backend_address(url: str) -> BackendAddress:
+    """A backend URL taken apart, once per URL rather than once per request."""
+    parts = urlsplit(url)
+    context = tls_context() if parts.scheme == "https" else None
+    port = parts.port or (443 if context is not None else 80)
+    return BackendAddress(parts.hostname or "127.0.0.1", port, parts.netloc, parts.path, context)
+
+
+async def connect(
+    address: BackendAddress, make_protocol: Callable[[], P], connect_seconds: float | None
+) -> P:
+    """A connection to the backend, served by `make_protocol`'s protocol; raises
+    UpstreamUnreachable when there is none within `connect_seconds`."""
+    loop = asyncio.get_running_loop()
+    host, context = address.host, address.tls
+    try:
+        async with asyncio.timeout(connect_seconds):
+            _, protocol = await loop.create_connection(
+                make_protocol, host, address.port, ssl=context,
+                server_hostname=host if context else None,
+            )  # fmt: skip
+    except TimeoutError:
+        raise UpstreamUnreachable(f"no connection within {connect_seconds:g} s") from None
+    except OSError as error:
+        raise UpstreamUnreachable(f"{type(error).__name__}: {error.strerror or error}") from None
+    return protocol
+
+
 async def open_answer(
     url: str,
     method: str,
@@ -261,22 +305,12 @@ async def open_answer(
     answer_seconds: float | None,
 ) -> RawAnswer:
     """Send the request to the backend at `url`; its answer once the head has arrived."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port
-    context = tls_context() if parts.scheme == "https" else None
-    port = port or (443 if context is not None else 80)
-    loop = asyncio.get_running_loop()
+    address = backend_address(url)
+    answer = await connect(address, RawAnswer, connect_seconds)
+    transport = answer.transport
+    assert transport is not None
     try:
-        async with asyncio.timeout(connect_seconds):
-            transport, answer = await loop.create_connection(
-                RawAnswer, host, port, ssl=context, server_hostname=host if context else None
-            )
-    except TimeoutError:
-        raise UpstreamUnreachable(f"no connection within {connect_seconds:g} s") from None
-    except OSError as error:
-        raise UpstreamUnreachable(f"{type(error).__name__}: {error.strerror or error}") from None
-    try:
-        transport.write(request_bytes(method, parts.netloc, parts.path + route, body, headers))
+        transport.write(request_bytes(method, address.netloc, address.path + route, body, headers))
         async with asyncio.timeout(answer_seconds):
             await answer.head
     except BaseException:
