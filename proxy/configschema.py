@@ -389,6 +389,14 @@ class GatewayKeys:
         "forward nobody: no Forwarded, X-Forwarded-For or X-Real-IP header)",
         is_secret=True,
     )
+    backend_secret: str = setting(
+        "LLAMA_PROXY_BACKEND_SECRET",
+        "",
+        parse_text,
+        "seals the internal keys of backends on other hosts (add-backend) in PostgreSQL; "
+        "generated; every gateway and admin host on one database needs the same value",
+        is_secret=True,
+    )
 
 
 @dataclass(frozen=True)

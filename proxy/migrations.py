@@ -15,6 +15,8 @@ import asyncpg
 MIGRATION_LOCK_ID = 7_415_521_001
 AUTH_CHANNEL = "llamagate_auth"
 TOKEN_CHANNEL = "llamagate_tokens"
+BACKENDS_CHANNEL = "llamagate_backends"  # the registry of shared backends changed
+SLOTS_CHANNEL = "llamagate_slots"  # a shared backend slot was given back
 
 
 async def m001_users_keys_requests(conn: asyncpg.Connection) -> None:
@@ -358,6 +360,69 @@ async def m009_token_charge_replays(conn: asyncpg.Connection) -> None:
     )
 
 
+async def m010_shared_backends(conn: asyncpg.Connection) -> None:
+    # The pool's members on other hosts, shared by every gateway on this database
+    # (admin add-backend). sealed_key is the backend's internal key sealed with the
+    # gateways' LLAMA_PROXY_BACKEND_SECRET (proxy/sealing.py), never the key itself.
+    # state: active takes requests; draining finishes what it runs and takes nothing new;
+    # refused was taken out by a gateway (it serves another model; problem says why).
+    #
+    # One row per slot in llama_backend_slots: a gateway holding a slot has its id in
+    # gateway_id, so two gateways never send two requests at once to one slot. A slot
+    # whose holder has not been seen in llama_gateways for a few seconds is free again
+    # (a gateway killed or cut off from the database). The slot rows also keep the
+    # figures list-backends sums per backend. waiting_since orders the gateways that wait
+    # for a slot, so one busy gateway cannot starve another.
+    await conn.execute(
+        f"""
+        CREATE TABLE IF NOT EXISTS llama_backends (
+            id bigserial PRIMARY KEY,
+            name text NOT NULL UNIQUE,
+            url text NOT NULL UNIQUE,
+            concurrency integer NOT NULL DEFAULT 1 CHECK (concurrency >= 1),
+            sealed_key text NOT NULL DEFAULT '',
+            model text NOT NULL DEFAULT '',
+            state text NOT NULL DEFAULT 'active'
+                CHECK (state IN ('active', 'draining', 'refused')),
+            problem text NOT NULL DEFAULT '',
+            added_at timestamptz NOT NULL DEFAULT now(),
+            changed_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE IF NOT EXISTS llama_backend_slots (
+            backend_id bigint NOT NULL REFERENCES llama_backends (id) ON DELETE CASCADE,
+            slot integer NOT NULL CHECK (slot >= 0),
+            gateway_id text,
+            leased_at timestamptz,
+            last_used timestamptz,
+            requests bigint NOT NULL DEFAULT 0,
+            errors bigint NOT NULL DEFAULT 0,
+            PRIMARY KEY (backend_id, slot)
+        );
+        CREATE INDEX IF NOT EXISTS llama_backend_slots_holder
+            ON llama_backend_slots (gateway_id) WHERE gateway_id IS NOT NULL;
+        CREATE TABLE IF NOT EXISTS llama_gateways (
+            gateway_id text PRIMARY KEY,
+            host text NOT NULL DEFAULT '',
+            started_at timestamptz NOT NULL DEFAULT now(),
+            last_seen timestamptz NOT NULL DEFAULT now(),
+            waiting_since timestamptz
+        );
+        CREATE OR REPLACE FUNCTION llamagate_notify_backends() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('{BACKENDS_CHANNEL}', TG_OP);
+            RETURN NULL;
+        END $$;
+        DROP TRIGGER IF EXISTS llama_backends_notify ON llama_backends;
+        CREATE TRIGGER llama_backends_notify
+            AFTER INSERT OR DELETE OR TRUNCATE
+                OR UPDATE OF name, url, concurrency, sealed_key, model, state
+            ON llama_backends
+            FOR EACH STATEMENT EXECUTE FUNCTION llamagate_notify_backends();
+        """
+    )
+
+
 Migration = Callable[[asyncpg.Connection], Awaitable[None]]
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, m001_users_keys_requests),
@@ -369,6 +434,7 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (7, m007_token_limits),
     (8, m008_user_concurrency_limit),
     (9, m009_token_charge_replays),
+    (10, m010_shared_backends),
 )
 
 
