@@ -317,7 +317,7 @@ def size_option(name: str, default: float, what: str):
 
 @cli.command()
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write JSON here.")
-@size_option("--seconds", 10.0, "Length of each wrk run (scenario 1).")
+@size_option("--seconds", 10.0, "Length of each wrk run (scenario 1) and run (scenario 9).")
 @size_option("--stream-prompts", 4, "Prompts per pass, paths alternating (scenario 2).")
 @size_option("--stream-tokens", 64, "Tokens per stream (scenario 2).")
 @size_option("--flood", 16, "A's requests in flight (scenario 3).")
@@ -330,8 +330,8 @@ def size_option(name: str, default: float, what: str):
 @click.option(
     "--only",
     metavar="NAME[,NAME]",
-    help="Run only these scenarios: overhead, relay, scaleout, streaming, fairness, restart, "
-    "capacity.",
+    help="Run only these scenarios: overhead, relay, scaleout, twogateways, streaming, "
+    "fairness, restart, capacity.",
 )
 def bench(json_path: str | None, only: str | None, **sizes: float) -> None:
     """Measure the gateway against the direct path, side by side; print the table.

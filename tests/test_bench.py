@@ -6,12 +6,14 @@ size (speed lives in the bench, never in timed tests).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import aiohttp
 import pytest
 from conftest import clean_environ, processes_matching
 
@@ -20,6 +22,15 @@ from runtime.bench.errors import BenchError
 from runtime.bench.rawproxy import cut_message
 from runtime.bench.scaleout import scaleout_rows
 from runtime.bench.scenarios import SCENARIOS, BenchOptions, parse_only
+from runtime.bench.sharedfigures import (
+    Latencies,
+    Overlaps,
+    Throughput,
+    TwoGatewayFigures,
+    twogateway_rows,
+)
+from runtime.bench.stack import free_port
+from runtime.bench.upstream import OVERLAPS_PATH, listen
 from runtime.settings import CODE_DIR
 
 TINY = ["--seconds", "1", "--stream-prompts", "2", "--stream-tokens", "4"]
@@ -27,7 +38,8 @@ TINY += ["--flood", "2", "--flood-tokens", "4", "--probes", "1", "--relay-stream
 TINY += ["--scaleout-seconds", "1"]
 # Capacity restarts the stack twice (about 40 s even when tiny): left out of the smoke
 # run for the suite's time; its arithmetic is tested below, and the bench runs it.
-TINY += ["--only", ",".join(name for name in SCENARIOS if name != "capacity")]
+# Two gateways: left out until the gateway serves shared members (branch sharedpool).
+TINY += ["--only", ",".join(name for name in SCENARIOS if name not in ("capacity", "twogateways"))]
 # (scenario, start of the metric, whether direct and gateway both carry a figure)
 EXPECTED_ROWS = [
     ("1 overhead", "p50 latency, 1 connection", True),
@@ -87,7 +99,7 @@ def test_only_runs_the_named_scenarios_and_refuses_unknown_names_listing_the_cho
     assert all(BenchOptions().runs(name) for name in SCENARIOS)
     for text in ("relay,nope", "", ","):
         with pytest.raises(
-            BenchError, match="from: overhead, relay, scaleout, streaming"
+            BenchError, match="from: overhead, relay, scaleout, twogateways, streaming"
         ) as refused:
             parse_only(text)
         assert repr(text) in str(refused.value)
@@ -142,3 +154,63 @@ def test_the_raw_forwarder_cuts_whole_messages_by_head_and_content_length():
     assert cut_message(request + b"GET / HTTP") == (request, b"GET / HTTP")  # pipelined
     no_body = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     assert cut_message(no_body) == (no_body, b"")
+
+
+def test_two_gateways_are_measured_against_one_and_each_overlap_misses_its_target():
+    quiet = [Overlaps(20, 0, 1), Overlaps(21, 0, 1)]
+    figures = TwoGatewayFigures(
+        one=Throughput(9.5, 95, 0),
+        two=Throughput(8.0, 80, 1),  # 84% of one gateway
+        overlaps_one=quiet,
+        overlaps_two=[Overlaps(40, 0, 1), Overlaps(41, 2, 2)],
+        latencies=Latencies([1.0, 1.2, 5.0, 1.1], [1.5, 2.5, 5.2, 1.8], failed=0),
+    )
+    rows = twogateway_rows(figures)
+    one, two = rows[:2]
+    assert (one.direct, one.gateway, one.met) == (10.0, 9.5, None)  # ideal: 2 members / 0.2 s
+    assert (two.direct, two.gateway, two.met) == (9.5, 8.0, False)
+    overlaps = [(row.metric, row.gateway, row.met) for row in rows[2:6]]
+    first_member_alone = "overlapping requests on member 1, 1 gateway (of 20; most at once 1)"
+    assert overlaps[0] == (first_member_alone, 0, True)
+    second_member_shared = "overlapping requests on member 2, 2 gateways (of 41; most at once 2)"
+    assert overlaps[3] == (second_member_shared, 2, False)
+    failed, p50, p99 = rows[6:]
+    assert (failed.gateway, failed.met) == (1, False)
+    assert (p50.direct, p50.gateway, p50.met) == (1.1, 1.8, True)  # +0.7 ms
+    assert (p99.direct, p99.gateway, p99.met) == (5.0, 5.2, True)
+    worse = Latencies([1.0, 1.1], [1.0, 2.2], failed=0)  # p99 +1.1 ms
+    rows = twogateway_rows(TwoGatewayFigures(figures.one, figures.one, quiet, quiet, worse))
+    assert [row.met for row in rows] == [None, True, True, True, True, True, True, True, False]
+
+
+async def overlaps_of(port: int) -> dict:
+    url = f"http://127.0.0.1:{port}{OVERLAPS_PATH.decode()}"
+    async with aiohttp.ClientSession() as session, session.get(url) as answer:
+        return await answer.json()
+
+
+async def post_chat(session: aiohttp.ClientSession, port: int) -> None:
+    async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={}) as answer:
+        assert answer.status == 200
+
+
+def test_a_canned_member_counts_requests_that_reach_it_while_another_is_in_flight():
+    async def scenario() -> list[dict]:
+        port = free_port()
+        servers = await listen(port, count=1, service_seconds=0.05)
+        try:
+            async with aiohttp.ClientSession() as session:
+                await post_chat(session, port)
+                await post_chat(session, port)  # one after the other: no overlap
+                sequential = await overlaps_of(port)
+                await asyncio.gather(*(post_chat(session, port) for _ in range(3)))
+                concurrent = await overlaps_of(port)
+            return [sequential, concurrent, await overlaps_of(port)]
+        finally:
+            for server in servers:
+                server.close()
+
+    sequential, concurrent, fresh = asyncio.run(scenario())
+    assert sequential == {"requests": 2, "overlapping": 0, "most_in_flight": 1}
+    assert concurrent == {"requests": 3, "overlapping": 2, "most_in_flight": 3}
+    assert fresh == {"requests": 0, "overlapping": 0, "most_in_flight": 0}  # counted afresh

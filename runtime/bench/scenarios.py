@@ -3,7 +3,8 @@
 Order matters on a small machine. Scenario 1 (and the relay cost, on the same canned
 upstream and gateway) runs first, while the backend is idle, and its upstream and second
 gateway are stopped before the model scenarios, so that they do not take CPU from the
-model. The scale-out scenario (8) runs next, on canned upstreams of its own. Capacity
+model. The scale-out scenario (8) runs next, on canned upstreams of its own, then the
+two-gateway scenario (9) on canned members of its own. Capacity
 (7) runs last: it restarts the stack with other replica and thread counts. `--only` runs a
 subset (SCENARIOS names them), in the same order.
 """
@@ -17,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from runtime.bench import capacity, model, overhead, relay, scaleout
+from runtime.bench import capacity, model, overhead, relay, scaleout, twogateways
 from runtime.bench.client import Target
 from runtime.bench.errors import BenchError
 from runtime.bench.loadgen import find_wrk
@@ -43,14 +44,23 @@ FLOOR_FORWARDERS = (
     ("bare aiohttp forwarder", "runtime.bench.bareproxy"),
 )
 # What --only takes; "overhead" includes scenario 5 (the gateway's memory after it).
-SCENARIOS = ("overhead", "relay", "scaleout", "streaming", "fairness", "restart", "capacity")
+SCENARIOS = (
+    "overhead",
+    "relay",
+    "scaleout",
+    "twogateways",
+    "streaming",
+    "fairness",
+    "restart",
+    "capacity",
+)
 
 
 @dataclass(frozen=True)
 class BenchOptions:
     """The size of a run; the defaults take about 9 minutes on 2 cores (capacity: 4)."""
 
-    seconds: float = 10.0  # each wrk run in scenario 1
+    seconds: float = 10.0  # each wrk run in scenario 1, each run of scenario 9
     stream_prompts: int = 4  # scenario 2: prompts per pass (4 passes, paths alternating)
     stream_tokens: int = 64
     flood: int = 16  # scenario 3: A's requests in flight
@@ -97,6 +107,11 @@ def run_bench(options: BenchOptions, echo: Echo) -> Report:
                 run_overhead(stack, keys["bench"], options, report, echo, scenario_1)
         if options.runs("scaleout"):
             run_scaleout(stack, keys["bench"], options, report, echo)
+        if options.runs("twogateways"):
+            figures = twogateways.measure_two_gateways(stack, keys["bench"], options.seconds, echo)
+            rows, note = twogateways.two_gateway_report(figures)
+            report.rows += rows
+            report.notes.append(note)
         direct = Target("direct", stack.backend_url, stack.backend_key)
         gateway = Target("gateway", stack.gateway_url, keys["bench"])
         if options.runs("streaming"):

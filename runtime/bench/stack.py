@@ -83,6 +83,8 @@ class Stack:
             "LLAMA_SERVER_PORT": str(self.backend_port),
             "LLAMA_PROXY_PORT": str(self.gateway_port),
             "LLAMA_API_KEY": self.backend_key,
+            # Seals the keys of shared members (scenario 9) in the stack's database.
+            "LLAMA_PROXY_BACKEND_SECRET": secrets.token_urlsafe(32),
         }
 
     @property
@@ -231,12 +233,14 @@ def start_side_gateway(
     overrides: dict[str, str],
     exits: contextlib.ExitStack,
     port: int | None = None,
+    kind: type[GatewaySupervisor] = GatewaySupervisor,
 ) -> tuple[str, int]:
     """A real gateway (`python -m proxy`), configured as the console does it, in front of
     canned upstreams from `upstream_port` on; its URL and pid.
 
     It has a state root of its own (stack.root / name: pid file, log, spool) and shares the
-    stack's database, so the bench users' keys work on every gateway.
+    stack's database, so the bench users' keys work on every gateway. `kind` may change
+    what the console would hand it (runtime/bench/sharedstack.py: no local replica).
     """
     root = stack.root / name
     port = port or free_port()
@@ -250,7 +254,7 @@ def start_side_gateway(
         **overrides,
     }
     settings = load_settings(Paths(root), environ=environ)
-    gateway = GatewaySupervisor(settings, dsn=stack.dsn(), environ=environ, echo=lambda _: None)
+    gateway = kind(settings, dsn=stack.dsn(), environ=environ, echo=lambda _: None)
     exits.callback(gateway.stop)
     try:
         gateway.start()

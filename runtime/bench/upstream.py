@@ -17,6 +17,12 @@ The scale-out scenario runs it as N backends at once (`--count N`: ports PORT to
 PORT+N-1, one process) that each answer a POST after `--service-seconds`, one at a time
 per port, as llama_cpp.server generates for one request at a time. GETs (the gateway's
 probes) are answered at once.
+
+Each such backend counts the requests that reach it while another is still in flight
+there, as llama_cpp.server would queue them behind its lock: the two-gateway scenario's
+proof that no slot was given to two requests at once. `GET /bench/overlaps` answers its
+figures since the last such GET (requests, overlapping requests, the most in flight at
+once) and starts counting afresh.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ def canned_response(payload: dict) -> bytes:
 
 
 GET_ANSWER = canned_response(MODELS)
+OVERLAPS_PATH = b"/bench/overlaps"
 POST_ANSWER = canned_response(COMPLETION)
 STREAM_ASK = b'"stream":true'
 STREAM_TOKENS = 256
@@ -98,7 +105,9 @@ class CannedHttp(asyncio.Protocol):
                 # One stream per connection at a time, as the gateway sends them.
                 self.streaming = asyncio.ensure_future(self.stream())
                 return
-            if head.startswith(b"GET "):
+            if head.startswith(b"GET " + OVERLAPS_PATH) and self.service is not None:
+                self.transport.write(canned_response(self.service.take_figures()))
+            elif head.startswith(b"GET "):
                 self.transport.write(GET_ANSWER)
             elif self.service is not None:
                 # One request at a time: the next one is read when this one is answered.
@@ -108,8 +117,12 @@ class CannedHttp(asyncio.Protocol):
                 self.transport.write(POST_ANSWER)
 
     async def answer_in_turn(self, service: ServiceTime) -> None:
-        async with service.turn:
-            await asyncio.sleep(service.seconds)
+        service.arrived()
+        try:
+            async with service.turn:
+                await asyncio.sleep(service.seconds)
+        finally:
+            service.left()
         self.transport.write(POST_ANSWER)
 
     async def stream(self) -> None:
@@ -127,6 +140,31 @@ class ServiceTime:
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
         self.turn = asyncio.Lock()
+        self.in_flight = 0
+        self.requests = 0
+        self.overlapping = 0  # requests that arrived while another was in flight
+        self.most_in_flight = 0
+
+    def arrived(self) -> None:
+        self.requests += 1
+        if self.in_flight:
+            self.overlapping += 1
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+
+    def left(self) -> None:
+        self.in_flight -= 1
+
+    def take_figures(self) -> dict[str, int]:
+        """The counts since the last call; those in flight now count in the next period."""
+        figures = {
+            "requests": self.requests,
+            "overlapping": self.overlapping,
+            "most_in_flight": self.most_in_flight,
+        }
+        self.requests = self.overlapping = 0
+        self.most_in_flight = self.in_flight
+        return figures
 
 
 def content_length(head: bytes) -> int:
@@ -140,14 +178,21 @@ def content_length(head: bytes) -> int:
     return int(head[start : stop if stop >= 0 else None].strip() or 0)
 
 
-async def serve(port: int, count: int = 1, service_seconds: float = 0.0) -> None:
-    """Listen on ports port .. port+count-1, each with its own one-at-a-time service time."""
+async def listen(port: int, count: int = 1, service_seconds: float = 0.0) -> list:
+    """Servers on ports port .. port+count-1, each with its own one-at-a-time service time."""
     loop = asyncio.get_running_loop()
     servers = []
     for offset in range(count):
         service = ServiceTime(service_seconds) if service_seconds > 0 else None
         answer = functools.partial(CannedHttp, service)
         servers.append(await loop.create_server(answer, "127.0.0.1", port + offset, backlog=1024))
+    return servers
+
+
+async def serve(port: int, count: int = 1, service_seconds: float = 0.0) -> None:
+    """listen(), until SIGTERM or SIGINT."""
+    loop = asyncio.get_running_loop()
+    servers = await listen(port, count, service_seconds)
     stopped = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopped.set)
