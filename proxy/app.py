@@ -37,8 +37,10 @@ from proxy.queue import FairQueue
 from proxy.ratelimit import SharedLimiter
 from proxy.readiness import ReadinessCache
 from proxy.recheck import note_response
+from proxy.registry import Registry
 from proxy.requestlog import RequestLog
 from proxy.revocation import RevocationWatch
+from proxy.sharedslots import SharedSlots
 from proxy.spool import Spool
 from proxy.tokenlimit import TokenLimiter
 from proxy.tokenwatch import charge_subscription
@@ -57,20 +59,36 @@ def make_app(config: ProxyConfig) -> web.Application:
     app[appkeys.CONFIG] = config
     app[appkeys.MODELS_CACHE] = {}
     app[appkeys.ME_CACHE] = UserFiguresCache(config.me_cache_seconds)
-    backends = app[appkeys.BACKENDS] = BackendPool(config.backend_urls, config.backend_concurrency)
+    backends = app[appkeys.BACKENDS] = BackendPool(
+        config.backend_urls,
+        config.backend_concurrency,
+        key=config.backend_key,
+        wait_seconds=config.queue_timeout_seconds,
+    )
+    # With no backend at all, one turn at a time goes on to be told so (503 no_backend).
     queue = FairQueue(
-        backends.capacity,
+        max(1, backends.capacity),
         config.queue_max_per_user,
         config.queue_max_total,
         config.queue_timeout_seconds,
     )
     app[appkeys.QUEUE] = queue
+    backends.on_capacity = lambda capacity: queue.set_capacity(max(1, capacity))
     app[appkeys.METRICS] = Metrics(queue.stats, lambda: backends.backends)
     app[appkeys.INFLIGHT] = InFlightRequests()
     app[appkeys.AUTH_FAILURES] = AuthFailureLimiter(config.auth_failures_per_minute)
     app[appkeys.READINESS] = ReadinessCache(lambda: health.check_readiness(app))
     app.cleanup_ctx.extend(
-        [database, request_log, auth, rate_limiter, token_limiter, listener, backend_session]
+        [
+            database,
+            request_log,
+            auth,
+            rate_limiter,
+            token_limiter,
+            shared_backends,
+            listener,
+            backend_session,
+        ]
     )
     app.on_response_prepare.append(handlers.add_gateway_headers)
     app.on_response_prepare.append(note_response)
@@ -164,13 +182,35 @@ async def token_limiter(app: web.Application) -> AsyncIterator[None]:
     await limiter.close()
 
 
-async def listener(app: web.Application) -> AsyncIterator[None]:
-    """One LISTEN connection for the gateway, for auth's channel and the token limiter's.
+async def shared_backends(app: web.Application) -> AsyncIterator[None]:
+    """The shared members (proxy/registry.py) and this gateway's leases on their slots."""
+    config, pool, backends = app[appkeys.CONFIG], app[appkeys.POOL], app[appkeys.BACKENDS]
+    slots = app[appkeys.SHARED_SLOTS] = SharedSlots(pool)
+    backends.share_through(slots)
+    registry = app[appkeys.REGISTRY] = Registry(
+        pool, config.backend_secret, backends.update_members
+    )
+    await slots.start()
+    await registry.reload()
+    yield
+    await registry.close()
+    # After the requests have drained: every slot still held goes back, at once.
+    await slots.stop()
 
-    Cancelled before auth and the token limiter close (cleanup runs in reverse), so no
-    notification reaches an owner that has shut down.
+
+async def listener(app: web.Application) -> AsyncIterator[None]:
+    """One LISTEN connection for the gateway: auth's channel, the token limiter's, the
+    registry's and the shared slots'.
+
+    Cancelled before their owners close (cleanup runs in reverse), so no notification
+    reaches an owner that has shut down.
     """
-    subscriptions = [app[appkeys.AUTH_SUBSCRIPTION], app[appkeys.TOKEN_SUBSCRIPTION]]
+    subscriptions = [
+        app[appkeys.AUTH_SUBSCRIPTION],
+        app[appkeys.TOKEN_SUBSCRIPTION],
+        app[appkeys.REGISTRY].subscription(),
+        app[appkeys.SHARED_SLOTS].subscription(),
+    ]
     task = asyncio.create_task(listen_forever(app[appkeys.CONFIG].dsn, subscriptions))
     yield
     task.cancel()

@@ -16,7 +16,9 @@ from proxy.probe import BackendProber
 from proxy.queue import FairQueue
 from proxy.ratelimit import Decision, SharedLimiter
 from proxy.readiness import ReadinessCache
+from proxy.registry import Registry
 from proxy.requestlog import RequestLog, RequestRecord
+from proxy.sharedslots import SharedSlots
 from proxy.store import TimedPool
 from proxy.tokenbudget import TokenDecision, TokenLimits
 from proxy.tokenlimit import TokenLimiter
@@ -32,6 +34,8 @@ LIMITER = web.AppKey("limiter", SharedLimiter)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 BACKENDS = web.AppKey("backends", BackendPool)
 PROBER = web.AppKey("prober", BackendProber)
+REGISTRY = web.AppKey("registry", Registry)  # the shared members, kept fresh
+SHARED_SLOTS = web.AppKey("shared_slots", SharedSlots)
 MODELS_CACHE = web.AppKey("models_cache", dict)
 INFLIGHT = web.AppKey("inflight", InFlightRequests)
 AUTH_FAILURES = web.AppKey("auth_failures", AuthFailureLimiter)

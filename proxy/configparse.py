@@ -108,7 +108,10 @@ def parse_args(value: str) -> tuple[str, ...]:
 
 
 def parse_backend_urls(value: str) -> tuple[str, ...]:
-    """A comma-separated list of backend base URLs, one per backend; at least one, no repeats."""
+    """A comma-separated list of backend base URLs, one per backend, no repeats; empty for a
+    gateway whose backends are all shared members (LLAMA_SERVER_REPLICAS=0)."""
+    if not value.strip():
+        return ()
     urls = tuple(item.strip().rstrip("/") for item in value.split(","))
     for url in urls:
         _check_backend_url(url)

@@ -25,13 +25,16 @@ import aiohttp
 
 from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 from proxy.errors import GatewayError, bad_gateway, unavailable
-from proxy.pool import Backend, BackendPool, Lease
+from proxy.pool import Backend, BackendPool, Lease, SlotWaitTimeout
 from proxy.rawpool import KeepAlivePool, UpstreamStale
 from proxy.rawupstream import RawAnswer, UpstreamError, open_answer
 
 log = logging.getLogger(__name__)
 
 RETRY_INTERVAL_SECONDS = 0.1
+NO_BACKEND = (
+    "no backend in the pool: start one here (LLAMA_SERVER_REPLICAS) or add one with add-backend"
+)
 
 
 class BackendFailed(Exception):
@@ -108,12 +111,14 @@ class Dispatcher:
         is_stream: bool = False,
     ) -> tuple[Lease, RawAnswer]:
         """A backend's response, trying each backend once; waits out a restart, else 502/503."""
+        if not self.pool.backends:
+            raise unavailable(NO_BACKEND, retry_after=self.wait_seconds, code="no_backend")
         deadline = time.monotonic() + self.wait_seconds
         has_waited = False
         while True:
             tried: set[int] = set()
             failure: BackendFailed | None = None
-            while (lease := await self.pool.acquire(tried)) is not None:
+            while (lease := await self._acquire(tried)) is not None:
                 tried.add(lease.backend.index)
                 try:
                     response = await self._attempt(
@@ -142,6 +147,16 @@ class Dispatcher:
                 has_waited = True
                 self.on_restart_wait()
             await asyncio.sleep(RETRY_INTERVAL_SECONDS)
+
+    async def _acquire(self, tried: set[int]) -> Lease | None:
+        try:
+            return await self.pool.acquire(tried)
+        except SlotWaitTimeout as timeout:
+            raise unavailable(
+                f"{timeout}: the shared backends are in use by other gateways; try again",
+                retry_after=self.wait_seconds,
+                code="backend_busy",
+            ) from None
 
     async def _attempt(
         self,
@@ -178,6 +193,7 @@ class Dispatcher:
         waits = backend.first_byte_waits
         waits[task] = False
         timeout = self.session.timeout
+        headers["Authorization"] = backend.authorization  # each backend has its own key
         try:
             if is_stream:
                 return await open_answer(

@@ -37,6 +37,7 @@ from proxy.deadlines import (
 )
 from proxy.dispatch import Dispatcher
 from proxy.errors import GatewayError, bad_gateway, error_body
+from proxy.pool import Backend
 from proxy.promptcount import PromptCounter, wants_usage
 from proxy.rawrelay import StreamRelay
 from proxy.rawupstream import RawAnswer, UpstreamError
@@ -79,8 +80,8 @@ class Forwarder:
         self, request: web.Request, route: str, body: bytes, record: RequestRecord
     ) -> web.StreamResponse:
         """Send the request upstream and relay the answer; the record gets the outcome."""
+        # The Authorization header is the backend's own: the dispatcher adds it.
         headers = {
-            "Authorization": f"Bearer {self.backend_key}",
             "Content-Type": "application/json",
             "X-Request-Id": record.request_id,
             # Bytes are relayed as they come; a compressed answer would need its header too.
@@ -98,7 +99,7 @@ class Forwarder:
                 if content_type.startswith("text/event-stream"):
                     response = await self._relay_stream(
                         request, upstream, content_type, record, deadline, route, body,
-                        lease.backend.url,
+                        lease.backend,
                     )  # fmt: skip
                 else:
                     async with within_cap(deadline, self.deadlines):
@@ -147,7 +148,7 @@ class Forwarder:
         deadline: float,
         route: str,
         body: bytes,
-        backend_url: str,
+        backend: Backend,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=upstream.status,
@@ -163,8 +164,10 @@ class Forwarder:
 
         async def before_done() -> bytes:
             """Count the prompt (the slot is still ours); the usage event, if asked for."""
-            if asked is not None and counter.prompt_tokens is None:
-                counter.prompt_tokens = await self.prompt_counter.count(backend_url, route, asked)
+            # Only a local replica is asked: a shared member may be another server, with
+            # another key, and need not have llama_cpp.server's tokenize route.
+            if asked is not None and counter.prompt_tokens is None and backend.member_id is None:
+                counter.prompt_tokens = await self.prompt_counter.count(backend.url, route, asked)
             counter.finish_stream()
             if asked is None or counter.has_usage or not wants_usage(asked):
                 return b""

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from proxy import appkeys, store
+from proxy.dispatch import NO_BACKEND
 from proxy.errors import GatewayError
 
 FORWARDING_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
@@ -35,6 +36,9 @@ async def readyz(request: web.Request) -> web.Response:
         "ready": is_ready,
         **checks,
         "backends": {"up": backends.serving(), "total": len(backends.backends)},
+        # Members of llama_backends among them, and whether this gateway may lease their
+        # slots (false while its heartbeat to the database fails).
+        "shared": {"members": len(backends.members), "usable": app[appkeys.SHARED_SLOTS].is_usable},
         "queue": {"active": queue.active, "waiting": queue.waiting},
     }
     return web.json_response(body, status=200 if is_ready else 503)
@@ -61,6 +65,8 @@ async def _check_backend(app: web.Application) -> str:
     backends = app[appkeys.BACKENDS]
     if backends.serving():
         return "ok"
+    if not backends.backends:
+        return NO_BACKEND
     state = "restarting" if app[appkeys.FORWARDER].dispatcher.is_restarting() else "unreachable"
     return f"{state} ({backends.backends[0].problem})"
 

@@ -36,8 +36,9 @@ class UserLabels:
 class BackendCollector:
     """Per-backend series, read from the pool when scraped (the request path pays nothing).
 
-    Labelled by the backend's place in LLAMA_PROXY_BACKEND_URL and its host:port; the
-    backends are fixed at start, so the series are bounded.
+    A local replica is labelled by its place in LLAMA_PROXY_BACKEND_URL, a shared member
+    by its name; both carry host:port. Members come and go only by admin commands, so
+    the series stay bounded.
     """
 
     def __init__(self, backends: Callable[[], Sequence[Backend]]) -> None:
@@ -65,7 +66,7 @@ class BackendCollector:
             labels=labels,
         )
         for backend in self.backends():
-            names = [str(backend.index), backend.address]
+            names = [backend.name or str(backend.index), backend.address]
             up.add_metric(names, 1.0 if backend.is_up else 0.0)
             busy.add_metric(names, backend.busy)
             requests.add_metric(names, backend.requests)

@@ -10,6 +10,12 @@ probe fails (proxy/probe.py), and rejoins as soon as a probe answers. While some
 a granted turn may have to wait here for a slot on one that is up. A request tries each
 backend at most once: the up ones first, then, as a last resort, the down ones, because
 a probe may not yet have seen a backend that has just come back.
+
+Besides the local replicas (LLAMA_PROXY_BACKEND_URL), the pool holds the shared members
+of llama_backends (proxy/registry.py), whose slots every gateway on the database shares.
+A turn takes a local free slot first, with no database round trip; only when none is
+free does it lease a shared slot (proxy/sharedslots.py), or wait for one. A drained,
+refused or removed member takes nothing new; the requests it runs finish.
 """
 
 from __future__ import annotations
@@ -20,12 +26,26 @@ import logging
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
+
+if TYPE_CHECKING:
+    from proxy.registry import Member
+    from proxy.sharedslots import SharedSlots
 
 log = logging.getLogger(__name__)
 
+POLL_SECONDS = 0.25  # a turn waiting for a shared slot looks again this often
+
 WAIT: Literal["wait"] = "wait"  # pick(): every untried backend that is up is busy
+
+
+class SlotWaitTimeout(Exception):
+    """A turn waited longer than the queue timeout for a slot (shared ones all held)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"every backend slot stayed busy for {seconds:.0f}s")
+        self.seconds = seconds
 
 
 @dataclass(eq=False)
@@ -35,6 +55,10 @@ class Backend:
     index: int
     url: str
     slots: int
+    authorization: str = ""  # "Bearer <its key>": a shared member has a key of its own
+    name: str = ""  # a shared member's name (labels, logs); local replicas go by address
+    member_id: int | None = None  # a shared member's id in llama_backends
+    is_draining: bool = False  # a shared member that takes nothing new: drained, refused, gone
     is_up: bool = True
     problem: str = ""  # why it is down, for /readyz and the log
     busy: int = 0
@@ -52,6 +76,11 @@ class Backend:
         return urlsplit(self.url).netloc
 
     @property
+    def label(self) -> str:
+        """How /metrics, /readyz and the log name it: a shared member by its name."""
+        return self.name or self.address
+
+    @property
     def has_free_slot(self) -> bool:
         return self.busy < self.slots
 
@@ -62,27 +91,73 @@ class Lease:
 
     backend: Backend
     started: float
+    slot: int = -1  # the shared slot's number; -1 on a local replica
 
 
 class BackendPool:
     """The backends behind this gateway, each with `slots` requests at a time."""
 
     def __init__(
-        self, urls: Sequence[str], slots: int, clock: Callable[[], float] = time.monotonic
+        self,
+        urls: Sequence[str],
+        slots: int,
+        clock: Callable[[], float] = time.monotonic,
+        key: str = "",
+        wait_seconds: float = 30.0,
     ) -> None:
-        self.backends = tuple(Backend(index, url, slots) for index, url in enumerate(urls))
+        bearer = f"Bearer {key}"
+        self.local = tuple(Backend(index, url, slots, bearer) for index, url in enumerate(urls))
+        self.backends = self.local  # local replicas, then shared members
+        self.members: dict[int, Backend] = {}  # shared members by id
+        self.shared: SharedSlots | None = None  # set by share_through()
+        self.wait_seconds = wait_seconds  # the longest a turn waits for a shared slot
+        self.on_capacity: Callable[[int], None] = lambda capacity: None
+        self._indexes = itertools.count(len(urls))
         self._clock = clock
         self._turns = itertools.count()
         self._waiters: list[asyncio.Future[None]] = []
 
     @property
     def capacity(self) -> int:
-        """Requests all backends can take at once: the fair queue admits this many."""
-        return sum(backend.slots for backend in self.backends)
+        """Requests all backends can take at once: the fair queue admits this many.
+
+        Shared members count whole, though other gateways may hold some of their slots:
+        a turn then waits here for one.
+        """
+        return sum(backend.slots for backend in self.backends if not backend.is_draining)
 
     def serving(self) -> int:
-        """How many backends are up."""
-        return sum(backend.is_up for backend in self.backends)
+        """How many backends are up (and take requests)."""
+        return sum(backend.is_up and not backend.is_draining for backend in self.backends)
+
+    def share_through(self, shared: SharedSlots) -> None:
+        """Lease shared members' slots through `shared`; its wake-ups reach the waiters."""
+        self.shared = shared
+        shared.on_free = self._wake_waiters
+
+    def update_members(self, members: Sequence[Member]) -> None:
+        """Take the registry's new list of shared members; in-flight requests are untouched."""
+        current: dict[int, Backend] = {}
+        for member in members:
+            backend = self.members.get(member.member_id)
+            if backend is None:
+                backend = Backend(next(self._indexes), member.url, member.concurrency)
+                backend.member_id = member.member_id
+                log.info("shared backend %s (%s) joins the pool", member.name, member.url)
+            backend.url, backend.slots, backend.name = member.url, member.concurrency, member.name
+            backend.authorization = f"Bearer {member.key}"
+            if backend.is_draining != (member.state != "active"):
+                log.info("shared backend %s is %s", member.name, member.state)
+            backend.is_draining = member.state != "active"
+            current[member.member_id] = backend
+        for member_id, gone in self.members.items():
+            if member_id not in current:
+                gone.is_draining = True  # its in-flight requests still hold it
+                log.info("shared backend %s left the pool", gone.label)
+        self.members = current
+        self.backends = self.local + tuple(current.values())
+        self.on_capacity(self.capacity)
+        self._wake_waiters()
 
     def pick(self, tried: Collection[int]) -> Backend | None | Literal["wait"]:
         """The backend for a request that has tried `tried`; WAIT for a slot; None: none left."""
@@ -90,7 +165,7 @@ class BackendPool:
         free_up: Backend | None = None
         free_down: Backend | None = None
         has_busy_up = has_busy_down = False
-        for backend in self.backends:
+        for backend in self.local:
             if backend.index in tried:
                 continue
             if backend.busy >= backend.slots:
@@ -113,21 +188,82 @@ class BackendPool:
         return free_down or (WAIT if has_busy_down else None)
 
     async def acquire(self, tried: Collection[int] = ()) -> Lease | None:
-        """A slot on the backend pick() names, waiting for one if need be; None: none left."""
-        while (choice := self.pick(tried)) == WAIT:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            finally:
-                if waiter in self._waiters:
-                    self._waiters.remove(waiter)
-        if choice is None:
-            return None
+        """A slot on the backend pick() names, waiting for one if need be; None: none left.
+
+        With shared members, a turn that finds no local slot leases a shared one; it
+        may wait up to wait_seconds for one (then SlotWaitTimeout).
+        """
+        choice = self.pick(tried)
+        if choice is None or choice == WAIT:
+            if self.members:
+                return await self._acquire_shared(tried)
+            while (choice := self.pick(tried)) == WAIT:
+                await self._wait()
+            if choice is None:
+                return None
+        return self._lease(choice)
+
+    def _lease(self, choice: Backend, slot: int = -1) -> Lease:
         choice.busy += 1
         choice.requests += 1
         choice.last_used = next(self._turns)
-        return Lease(choice, self._clock())
+        return Lease(choice, self._clock(), slot)
+
+    async def _acquire_shared(self, tried: Collection[int]) -> Lease | None:
+        assert self.shared is not None
+        deadline = self._clock() + self.wait_seconds
+        is_waiting = has_slot = False
+        try:
+            while True:
+                local = self.pick(tried)
+                if isinstance(local, Backend):
+                    return self._lease(local)
+                candidates = [
+                    backend.member_id
+                    for backend in self.members.values()
+                    if backend.index not in tried and backend.is_up and not backend.is_draining
+                ]
+                if candidates:
+                    taken = await self.shared.take(candidates, is_waiting)
+                    if taken is not None:
+                        lease = self._lease_shared(*taken)
+                        if lease is not None:
+                            has_slot = True
+                            return lease
+                elif local is None and not self._may_have_shared(tried):
+                    return None
+                if self._clock() >= deadline:
+                    raise SlotWaitTimeout(self.wait_seconds)
+                if not is_waiting:
+                    is_waiting = True
+                    self.shared.start_waiting()
+                await self._wait(POLL_SECONDS)
+        finally:
+            if is_waiting:
+                self.shared.stop_waiting(has_slot)
+
+    def _lease_shared(self, member_id: int, slot: int) -> Lease | None:
+        """The lease on a slot just taken; None (and the slot given back) if the member
+        was drained or removed meanwhile."""
+        assert self.shared is not None
+        backend = self.members.get(member_id)
+        if backend is None or backend.is_draining:
+            self.shared.give_back(member_id, slot, 0, 0)
+            return None
+        return self._lease(backend, slot)
+
+    def _may_have_shared(self, tried: Collection[int]) -> bool:
+        # A member that is down or drained may come back; one tried already may not.
+        return any(backend.index not in tried for backend in self.members.values())
+
+    async def _wait(self, timeout: float | None = None) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait((waiter,), timeout=timeout)
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
 
     def release(self, lease: Lease, is_failed: bool) -> None:
         """Give the slot back; a failed request counts as the backend's error."""
@@ -136,6 +272,8 @@ class BackendPool:
         backend.seconds_busy += self._clock() - lease.started
         if is_failed:
             backend.errors += 1
+        if lease.slot >= 0 and self.shared is not None and backend.member_id is not None:
+            self.shared.give_back(backend.member_id, lease.slot, 1, int(is_failed))
         self._wake_waiters()
 
     def mark_down(self, backend: Backend, problem: str) -> None:
@@ -143,14 +281,14 @@ class BackendPool:
         backend.problem = problem
         if backend.is_up:
             backend.is_up = False
-            log.warning("backend %s is down: %s", backend.address, problem)
+            log.warning("backend %s is down: %s", backend.label, problem)
             self._wake_waiters()
 
     def mark_up(self, backend: Backend) -> None:
         """Put a backend back in the pool: it answered."""
         if not backend.is_up:
             backend.is_up = True
-            log.info("backend %s is back in the pool", backend.address)
+            log.info("backend %s is back in the pool", backend.label)
             self._wake_waiters()
         backend.problem = ""
 

@@ -107,7 +107,7 @@ class FairQueue:
         self._note_cap(user, cap)
         # A free slot with waiters means they are all at their caps (see the docstring),
         # so a user below theirs, with nothing waiting, may take it at once.
-        if self._free and user not in self._queues and self._is_below_cap(user):
+        if self._free > 0 and user not in self._queues and self._is_below_cap(user):
             self._grant(user)
             granted = arrived
         else:
@@ -121,6 +121,17 @@ class FairQueue:
         finally:
             self._record_hold(self._clock() - granted)
             self._release(user)
+
+    def set_capacity(self, concurrency: int) -> None:
+        """Admit `concurrency` at once from now on (the pool's members changed).
+
+        Turns granted beyond a lowered capacity keep their slots; no new one is granted
+        until enough of them have ended.
+        """
+        self._free += concurrency - self._concurrency
+        self._concurrency = concurrency
+        if self._queues:
+            self._dispatch()
 
     def stats(self) -> QueueStats:
         """Slots in use and requests waiting, for /metrics and /readyz."""
@@ -195,7 +206,7 @@ class FairQueue:
         """Hand free slots to waiters, by the rule in the module docstring."""
         # Cancelled waiters may still be queued until their task runs; skip them, or the
         # slot would go to a request that is already gone.
-        while self._free and (turn := self._pop_next()) is not None:
+        while self._free > 0 and (turn := self._pop_next()) is not None:
             user, future = turn
             if not future.done():
                 self._grant(user)

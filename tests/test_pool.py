@@ -8,6 +8,7 @@ import pytest
 
 from proxy.configparse import parse_backend_urls
 from proxy.pool import WAIT, BackendPool
+from proxy.registry import Member
 
 URLS = ("http://127.0.0.1:8000", "http://127.0.0.1:8001", "http://127.0.0.1:8002")
 
@@ -118,6 +119,7 @@ async def test_a_turn_whose_last_untried_backend_is_down_but_busy_waits_for_its_
     [
         ("http://127.0.0.1:8000", ("http://127.0.0.1:8000",)),
         (" http://a:1/ , http://b:2", ("http://a:1", "http://b:2")),
+        ("", ()),  # no local replica: every backend is a shared member
     ],
 )
 def test_backend_urls_are_a_comma_separated_list(text, expected):
@@ -138,3 +140,79 @@ def test_backend_urls_are_a_comma_separated_list(text, expected):
 def test_bad_backend_urls_are_refused_naming_the_problem(text, reason):
     with pytest.raises(ValueError, match=reason):
         parse_backend_urls(text)
+
+
+class FakeSharedSlots:
+    """Stands in for proxy/sharedslots.py: slots per member id, free or held (pure logic)."""
+
+    def __init__(self, free: dict[int, list[int]]) -> None:
+        self.free = free
+        self.takes: list[list[int]] = []
+        self.given_back: list[tuple[int, int, int, int]] = []
+        self.waiters = 0
+        self.on_free = lambda: None
+
+    async def take(self, backend_ids, is_waiter):
+        self.takes.append(list(backend_ids))
+        for member_id in backend_ids:
+            if self.free.get(member_id):
+                return member_id, self.free[member_id].pop(0)
+        return None
+
+    def give_back(self, member_id, slot, requests, errors):
+        self.given_back.append((member_id, slot, requests, errors))
+        self.free.setdefault(member_id, []).append(slot)
+        self.on_free()
+
+    def start_waiting(self):
+        self.waiters += 1
+
+    def stop_waiting(self, has_slot):
+        self.waiters -= 1
+
+
+def member(member_id: int, state: str = "active", concurrency: int = 1) -> Member:
+    return Member(member_id, f"gpu{member_id}", f"http://10.0.0.{member_id}:8000", concurrency,
+                  f"key{member_id}", state)  # fmt: skip
+
+
+@pytest.mark.asyncio
+async def test_a_turn_takes_a_local_slot_first_and_a_shared_one_only_when_none_is_free():
+    pool = BackendPool(URLS[:1], slots=1, key="local")
+    shared = FakeSharedSlots({7: [0]})
+    pool.share_through(shared)
+    capacities = []
+    pool.on_capacity = capacities.append
+    pool.update_members([member(7)])
+    assert capacities == [2]
+    local = await pool.acquire()
+    assert local.backend.authorization == "Bearer local" and shared.takes == []
+    remote = await pool.acquire()
+    assert (remote.backend.name, remote.slot, remote.backend.authorization) == (
+        "gpu7",
+        0,
+        "Bearer key7",
+    )
+    pool.release(remote, is_failed=True)
+    assert shared.given_back == [(7, 0, 1, 1)]
+
+
+@pytest.mark.asyncio
+async def test_a_drained_member_takes_nothing_new_and_a_waiter_gets_the_next_free_slot():
+    pool = BackendPool((), slots=1, wait_seconds=5)
+    shared = FakeSharedSlots({1: [0], 2: []})
+    pool.share_through(shared)
+    pool.update_members([member(1), member(2)])
+    held = await pool.acquire()
+    assert held.backend.member_id == 1
+    pool.update_members([member(1, "draining"), member(2)])
+    assert pool.capacity == 1
+    waiting = asyncio.ensure_future(pool.acquire())
+    await asyncio.sleep(0)
+    assert not waiting.done() and shared.takes[-1] == [2]  # not the drained one
+    pool.release(held, is_failed=False)  # in flight on the drained member: it finishes
+    shared.give_back(2, 0, 0, 0)  # another gateway gives back member 2's slot
+    lease = await asyncio.wait_for(waiting, 5)
+    assert lease.backend.member_id == 2 and shared.waiters == 0
+    pool.update_members([member(2)])  # member 1 removed
+    assert [backend.name for backend in pool.backends] == ["gpu2"]

@@ -390,3 +390,17 @@ async def test_a_capped_request_still_times_out_and_the_next_request_brings_the_
     async with queue.slot("a"), queue.slot("a") as waited:
         assert waited == 0.0
     assert queue.stats() == QueueStats(active=0, waiting=0, waiting_by_user={})
+
+
+@pytest.mark.asyncio
+async def test_a_raised_capacity_admits_waiters_at_once_and_a_lowered_one_holds_new_turns():
+    queue, order, gate = make_queue(concurrency=1), [], asyncio.Event()
+    tasks = await queue_up(queue, [("a", "a1"), ("b", "b1"), ("c", "c1")], order, gate)
+    assert queue.stats().waiting == 2
+    queue.set_capacity(2)  # a shared member joined the pool
+    await wait_until(lambda: order == ["a1", "b1"])
+    queue.set_capacity(1)  # it left: both keep their turns, c waits for both to end
+    assert queue.stats() == QueueStats(active=2, waiting=1, waiting_by_user={"c": 1})
+    await run_to_end(tasks, gate)
+    assert order == ["a1", "b1", "c1"]
+    assert queue.stats() == QueueStats(active=0, waiting=0, waiting_by_user={})

@@ -1,0 +1,177 @@
+"""This gateway's side of the shared slots: heartbeat, take, give back, wait, fairness.
+
+The SQL lives in proxy/slotstore.py. Here: the gateway says it is alive every second; a
+gateway whose heartbeat has failed for USABLE_FOR_SECONDS takes no shared slot (it cannot
+know who holds what, and its own slots may already have expired), until a heartbeat goes
+through again. A slot it could not give back while the database was away is given back by
+the first heartbeat that goes through, since its lease may not have run out meanwhile.
+
+Requests that wait for a shared slot are counted: the first marks the gateway as waiting
+(its place in the cross-gateway line, see proxy/slotstore.py), the last one to leave
+without a slot clears it. A slot given back anywhere wakes the waiters through a
+notification on SLOTS_CHANNEL; a short poll (proxy/pool.py) covers one missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
+
+import asyncpg
+
+from proxy import slotstore, store
+from proxy.listener import Subscription
+from proxy.migrations import SLOTS_CHANNEL
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 1.0
+USABLE_FOR_SECONDS = 3.0
+
+GiveBack = tuple[int, int, int, int]  # backend id, slot, requests, errors
+
+
+class SharedSlots:
+    """Leases slots of shared members for this gateway; start() once the database is open."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        gateway_id: str = "",
+        lease_seconds: float = slotstore.LEASE_SECONDS,
+        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        usable_for: float = USABLE_FOR_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.pool = pool
+        self.host = socket.gethostname()
+        self.gateway_id = gateway_id or f"{self.host}-{uuid.uuid4().hex[:12]}"
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.usable_for = usable_for
+        self.clock = clock
+        self.on_free: Callable[[], None] = lambda: None  # the pool wakes its waiters
+        self.waiters = 0
+        self._last_beat = float("-inf")
+        self._has_warned = False
+        self._unreturned: list[GiveBack] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._beating: asyncio.Task[None] | None = None
+
+    @property
+    def is_usable(self) -> bool:
+        """Whether a heartbeat went through lately: only then may a slot be taken."""
+        return self.clock() - self._last_beat < self.usable_for
+
+    def subscription(self) -> Subscription:
+        """Slots given back anywhere: the waiters look again at once."""
+        return Subscription(
+            channel=SLOTS_CHANNEL,
+            on_notify=lambda _payload: self.on_free(),
+            on_listening=lambda: self.on_free(),
+            on_lost=lambda: None,
+        )
+
+    async def start(self) -> None:
+        await self.beat()
+        self._beating = asyncio.create_task(self._beat_forever())
+
+    async def stop(self) -> None:
+        """Stop heartbeating; give back every slot and forget this gateway."""
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+        for task in list(self._tasks):
+            with contextlib.suppress(Exception):
+                await task
+        try:
+            await slotstore.give_back_all(self.pool, self.gateway_id)
+        except store.UNAVAILABLE_ERRORS as error:
+            log.warning(
+                "could not give back the shared slots at shutdown (%s); they expire in %.0fs",
+                type(error).__name__,
+                self.lease_seconds,
+            )
+
+    async def beat(self) -> None:
+        """One heartbeat; then give back what could not be given back before."""
+        try:
+            await slotstore.heartbeat(self.pool, self.gateway_id, self.host, self.waiters > 0)
+        except store.UNAVAILABLE_ERRORS as error:
+            if not self._has_warned and not self.is_usable:
+                self._has_warned = True
+                log.warning(
+                    "shared backends unusable: the heartbeat of gateway %s fails (%s); "
+                    "only this host's replicas serve until the database answers",
+                    self.gateway_id,
+                    type(error).__name__,
+                )
+            return
+        if self._has_warned:
+            self._has_warned = False
+            log.info("the database answers again: shared backends are back in use")
+        self._last_beat = self.clock()
+        unreturned, self._unreturned = self._unreturned, []
+        for backend_id, slot, requests, errors in unreturned:
+            await self._give_back(backend_id, slot, requests, errors)
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            try:
+                await self.beat()
+            except Exception:  # a bug here must not stop the heartbeat: slots would expire
+                log.exception("the shared-slot heartbeat failed; trying again")
+
+    async def take(self, backend_ids: Sequence[int], is_waiter: bool) -> tuple[int, int] | None:
+        """A free slot of one of these members, now this gateway's; None if none may be had."""
+        if not self.is_usable:
+            return None
+        others_wait = self.waiters - is_waiter > 0
+        try:
+            return await slotstore.take_slot(
+                self.pool, self.gateway_id, backend_ids, others_wait, self.lease_seconds
+            )
+        except store.UNAVAILABLE_ERRORS:
+            return None
+
+    def give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
+        """Give a slot back in the background (the answer is already on its way)."""
+        self._spawn(self._give_back(backend_id, slot, requests, errors))
+
+    async def _give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
+        try:
+            await slotstore.give_back(
+                self.pool, self.gateway_id, backend_id, slot, requests, errors
+            )
+        except store.UNAVAILABLE_ERRORS:
+            self._unreturned.append((backend_id, slot, requests, errors))
+
+    def start_waiting(self) -> None:
+        """A request waits for a shared slot; the first one marks the gateway as waiting."""
+        self.waiters += 1
+        if self.waiters == 1:
+            self._spawn(self._mark_waiting())
+
+    def stop_waiting(self, has_slot: bool) -> None:
+        """A waiting request got its slot (the take updated the mark) or gave up."""
+        self.waiters -= 1
+        if not self.waiters and not has_slot:
+            self._spawn(self._mark_waiting())
+
+    async def _mark_waiting(self) -> None:
+        # The heartbeat carries the same mark each second, should this one fail.
+        with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
+            await slotstore.set_waiting(self.pool, self.gateway_id, self.waiters > 0)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

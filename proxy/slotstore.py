@@ -1,0 +1,128 @@
+"""The lease SQL behind the shared backends' slots: one statement per step, the pool first.
+
+A gateway may send a request to a shared member only while it holds one of the member's
+rows in llama_backend_slots (gateway_id = its id). A slot is free when nobody holds it or
+its holder has not heartbeaten llama_gateways for `lease_seconds` (a gateway killed or cut
+off from the database). Taking one is a single UPDATE ... FOR UPDATE SKIP LOCKED, so two
+gateways racing for the last free slot never both get it: the loser skips the locked row,
+or re-reads it after the winner committed and finds it held.
+
+Fairness across gateways: a gateway with requests waiting for a slot sets its
+waiting_since once; a gateway may take a free slot only if no live gateway has waited
+longer than it has (one not waiting counts as waiting since now). Taking one while others
+of its requests still wait moves it to the back of the line (waiting_since = now()); with
+none left it clears the mark, or it would hold the others back until its row goes stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import asyncpg
+
+from proxy.migrations import SLOTS_CHANNEL
+
+# A holder not seen for this long has lost its slots (design: LEASE_SECONDS).
+LEASE_SECONDS = 5.0
+
+HEARTBEAT_SQL = """
+INSERT INTO llama_gateways AS g (gateway_id, host, waiting_since)
+VALUES ($1, $2, CASE WHEN $3 THEN now() END)
+ON CONFLICT (gateway_id) DO UPDATE SET
+    last_seen = now(),
+    waiting_since = CASE WHEN $3 THEN coalesce(g.waiting_since, now()) END
+"""
+
+# $1 gateway, $2 member ids, $3 lease seconds, $4 whether other requests of this
+# gateway still wait once this one has its slot.
+TAKE_SQL = """
+WITH me AS (
+    SELECT coalesce(
+        (SELECT waiting_since FROM llama_gateways WHERE gateway_id = $1), now()
+    ) AS since
+), older_waiter AS (
+    SELECT 1 FROM llama_gateways g, me
+    WHERE g.gateway_id <> $1
+      AND g.waiting_since < me.since
+      AND g.last_seen > now() - make_interval(secs => $3)
+    LIMIT 1
+), free AS (
+    SELECT s.backend_id, s.slot FROM llama_backend_slots s
+    WHERE s.backend_id = ANY($2::bigint[])
+      AND NOT EXISTS (SELECT 1 FROM older_waiter)
+      AND (s.gateway_id IS NULL OR NOT EXISTS (
+          SELECT 1 FROM llama_gateways h
+          WHERE h.gateway_id = s.gateway_id
+            AND h.last_seen > now() - make_interval(secs => $3)))
+    ORDER BY s.last_used NULLS FIRST, s.backend_id, s.slot
+    LIMIT 1
+    FOR UPDATE OF s SKIP LOCKED
+), taken AS (
+    UPDATE llama_backend_slots s SET gateway_id = $1, leased_at = now()
+    FROM free WHERE s.backend_id = free.backend_id AND s.slot = free.slot
+    RETURNING s.backend_id, s.slot
+), turn AS (
+    UPDATE llama_gateways SET waiting_since = CASE WHEN $4 THEN now() END
+    WHERE gateway_id = $1 AND EXISTS (SELECT 1 FROM taken)
+)
+SELECT backend_id, slot FROM taken
+"""
+
+GIVE_BACK_SQL = """
+WITH given AS (
+    UPDATE llama_backend_slots SET
+        gateway_id = NULL, leased_at = NULL, last_used = now(),
+        requests = requests + $4, errors = errors + $5
+    WHERE backend_id = $2 AND slot = $3 AND gateway_id = $1
+    RETURNING backend_id
+)
+SELECT pg_notify($6, $1) FROM given
+"""
+
+
+async def heartbeat(pool: asyncpg.Pool, gateway_id: str, host: str, is_waiting: bool) -> None:
+    """Say this gateway is alive (and whether requests of its own wait for a slot)."""
+    await pool.execute(HEARTBEAT_SQL, gateway_id, host, is_waiting)
+
+
+async def take_slot(
+    pool: asyncpg.Pool,
+    gateway_id: str,
+    backend_ids: Sequence[int],
+    still_waiting: bool,
+    lease_seconds: float = LEASE_SECONDS,
+) -> tuple[int, int] | None:
+    """(backend id, slot) of a free slot of one of these members, now held; None if none
+    is free or a live gateway has waited longer."""
+    row = await pool.fetchrow(TAKE_SQL, gateway_id, list(backend_ids), lease_seconds, still_waiting)
+    return None if row is None else (row["backend_id"], row["slot"])
+
+
+async def give_back(
+    pool: asyncpg.Pool, gateway_id: str, backend_id: int, slot: int, requests: int, errors: int
+) -> None:
+    """Free a slot this gateway holds, count its figures, and wake the waiting gateways."""
+    await pool.execute(GIVE_BACK_SQL, gateway_id, backend_id, slot, requests, errors, SLOTS_CHANNEL)
+
+
+async def give_back_all(pool: asyncpg.Pool, gateway_id: str) -> None:
+    """At shutdown: free every slot this gateway holds and forget the gateway."""
+    async with pool.acquire() as conn, conn.transaction():
+        freed = await conn.execute(
+            "UPDATE llama_backend_slots SET gateway_id = NULL, leased_at = NULL "
+            "WHERE gateway_id = $1",
+            gateway_id,
+        )
+        await conn.execute("DELETE FROM llama_gateways WHERE gateway_id = $1", gateway_id)
+        if freed != "UPDATE 0":
+            await conn.execute("SELECT pg_notify($1, $2)", SLOTS_CHANNEL, gateway_id)
+
+
+async def set_waiting(pool: asyncpg.Pool, gateway_id: str, is_waiting: bool) -> None:
+    """Mark that requests of this gateway wait for a slot (kept if already set), or none do."""
+    await pool.execute(
+        "UPDATE llama_gateways SET waiting_since = "
+        "CASE WHEN $2 THEN coalesce(waiting_since, now()) END WHERE gateway_id = $1",
+        gateway_id,
+        is_waiting,
+    )
