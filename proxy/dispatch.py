@@ -118,23 +118,26 @@ class Dispatcher:
         while True:
             tried: set[int] = set()
             failure: BackendFailed | None = None
-            while (lease := await self._acquire(tried)) is not None:
-                tried.add(lease.backend.index)
-                try:
-                    response = await self._attempt(
-                        lease.backend, method, route, body, headers, is_stream
-                    )
-                except BackendFailed as failed:
-                    failure = failed
-                    self.pool.release(lease, is_failed=True)
-                    self.pool.mark_down(lease.backend, failed.reason)
-                except BaseException:
-                    self.pool.release(lease, is_failed=False)
-                    raise
-                else:
-                    # It answered: a down one (a last resort) is back, before its probe says so.
-                    self.pool.mark_up(lease.backend)
-                    return lease, response
+            try:
+                while (lease := await self.pool.acquire(tried)) is not None:
+                    tried.add(lease.backend.index)
+                    try:
+                        response = await self._attempt(
+                            lease.backend, method, route, body, headers, is_stream
+                        )
+                    except BackendFailed as failed:
+                        failure = failed
+                        self.pool.release(lease, is_failed=True)
+                        self.pool.mark_down(lease.backend, failed.reason)
+                    except BaseException:
+                        self.pool.release(lease, is_failed=False)
+                        raise
+                    else:
+                        # It answered: a down one (a last resort) is back, before its probe says so.
+                        self.pool.mark_up(lease.backend)
+                        return lease, response
+            except SlotWaitTimeout as timeout:
+                raise self._busy_error(timeout) from None
             if (failure is not None and failure.is_timeout) or not self.is_restarting():
                 raise self._no_backend_error(failure, len(tried))
             if time.monotonic() >= deadline:
@@ -148,15 +151,12 @@ class Dispatcher:
                 self.on_restart_wait()
             await asyncio.sleep(RETRY_INTERVAL_SECONDS)
 
-    async def _acquire(self, tried: set[int]) -> Lease | None:
-        try:
-            return await self.pool.acquire(tried)
-        except SlotWaitTimeout as timeout:
-            raise unavailable(
-                f"{timeout}: the shared backends are in use by other gateways; try again",
-                retry_after=self.wait_seconds,
-                code="backend_busy",
-            ) from None
+    def _busy_error(self, timeout: SlotWaitTimeout) -> GatewayError:
+        return unavailable(
+            f"{timeout}: the shared backends are in use by other gateways; try again",
+            retry_after=self.wait_seconds,
+            code="backend_busy",
+        )
 
     async def _attempt(
         self,

@@ -243,3 +243,37 @@ async def test_slots_of_a_gateway_killed_with_sigkill_are_used_by_the_other_with
                 await held
     finally:
         killed.stop()
+
+
+async def test_a_turn_waits_for_a_held_slot_no_longer_than_the_queue_timeout(
+    start_gateway, db, aiohttp_server
+):
+    member = FakeUpstream()
+    member_id = await add_member(db, url_of(await aiohttp_server(member.make_app())), "gpu")
+    gateway = await shared_gateway(start_gateway, queue_timeout_seconds=0.5)
+    await wait_until(lambda: gateway.app[appkeys.BACKENDS].members, "the member")
+    # Another gateway, alive, holds the one slot.
+    await slotstore.heartbeat(db, "other", "host", False)
+    assert await slotstore.take_slot(db, "other", [member_id], False) == (member_id, 0)
+    response = await post_chat(gateway, await add_user(db, "alice"))
+    assert response.status == 503
+    assert response.headers["Retry-After"]
+    error = (await response.json())["error"]
+    assert error["code"] == "backend_busy" and "other gateways" in error["message"]
+    assert not member.seen
+
+
+async def test_metrics_and_readyz_name_shared_members(start_gateway, db, aiohttp_server):
+    member = FakeUpstream()
+    await add_member(db, url_of(await aiohttp_server(member.make_app())), "gpu-a")
+    gateway = await shared_gateway(start_gateway)
+    await wait_until(lambda: gateway.app[appkeys.BACKENDS].members, "the member")
+    assert (await post_chat(gateway, await add_user(db, "alice"))).status == 200
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llamagate_backend_requests_total{address="127.0.0.1:' in metrics
+    assert 'backend="gpu-a"' in metrics
+    ready = await gateway.get("/readyz")
+    body = await ready.json()
+    assert ready.status == 200, body
+    assert body["backends"] == {"up": 1, "total": 1}
+    assert body["shared"] == {"members": 1, "usable": True}
