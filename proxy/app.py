@@ -31,6 +31,7 @@ from proxy.inflight import InFlightRequests
 from proxy.listener import listen_forever
 from proxy.me import me
 from proxy.metrics import Metrics
+from proxy.modelcheck import ModelCheck
 from proxy.pool import BackendPool
 from proxy.probe import BackendProber
 from proxy.queue import FairQueue
@@ -237,6 +238,7 @@ async def backend_session(app: web.Application) -> AsyncIterator[None]:
         config.restart_flag,
         on_restart_wait=app[appkeys.METRICS].backend_waits.inc,
         restart_flag_max_age=config.restart_flag_max_age_seconds,
+        model_check=ModelCheck(session, app[appkeys.POOL], config.model_name),
     )
     app[appkeys.FORWARDER] = Forwarder(
         dispatcher,

@@ -25,6 +25,7 @@ import aiohttp
 
 from proxy.config import DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS
 from proxy.errors import GatewayError, bad_gateway, unavailable
+from proxy.modelcheck import ModelCheck
 from proxy.pool import Backend, BackendPool, Lease, SlotWaitTimeout
 from proxy.rawpool import KeepAlivePool, UpstreamStale
 from proxy.rawupstream import RawAnswer, UpstreamError, open_answer
@@ -61,6 +62,7 @@ class Dispatcher:
         restart_flag: Path | None,
         on_restart_wait: Callable[[], None] = lambda: None,
         restart_flag_max_age: float = DEFAULT_RESTART_FLAG_MAX_AGE_SECONDS,
+        model_check: ModelCheck | None = None,
     ) -> None:
         self.session = session
         self.pool = pool
@@ -68,6 +70,7 @@ class Dispatcher:
         self.restart_flag = restart_flag
         self.on_restart_wait = on_restart_wait
         self.restart_flag_max_age = restart_flag_max_age
+        self.model_check = model_check
         self._ignored_flag_mtime: float | None = None
         self.connections = KeepAlivePool()
 
@@ -118,23 +121,26 @@ class Dispatcher:
         while True:
             tried: set[int] = set()
             failure: BackendFailed | None = None
-            while (lease := await self._acquire(tried)) is not None:
-                tried.add(lease.backend.index)
-                try:
-                    response = await self._attempt(
-                        lease.backend, method, route, body, headers, is_stream
-                    )
-                except BackendFailed as failed:
-                    failure = failed
-                    self.pool.release(lease, is_failed=True)
-                    self.pool.mark_down(lease.backend, failed.reason)
-                except BaseException:
-                    self.pool.release(lease, is_failed=False)
-                    raise
-                else:
-                    # It answered: a down one (a last resort) is back, before its probe says so.
-                    self.pool.mark_up(lease.backend)
-                    return lease, response
+            try:
+                while (lease := await self.pool.acquire(tried)) is not None:
+                    tried.add(lease.backend.index)
+                    try:
+                        response = await self._attempt(
+                            lease.backend, method, route, body, headers, is_stream
+                        )
+                    except BackendFailed as failed:
+                        failure = failed
+                        self.pool.release(lease, is_failed=True)
+                        self.pool.mark_down(lease.backend, failed.reason)
+                    except BaseException:
+                        self.pool.release(lease, is_failed=False)
+                        raise
+                    else:
+                        # It answered: a down one (a last resort) is back, before its probe says so.
+                        self.pool.mark_up(lease.backend)
+                        return lease, response
+            except SlotWaitTimeout as timeout:
+                raise self._busy_error(timeout) from None
             if (failure is not None and failure.is_timeout) or not self.is_restarting():
                 raise self._no_backend_error(failure, len(tried))
             if time.monotonic() >= deadline:
@@ -148,15 +154,21 @@ class Dispatcher:
                 self.on_restart_wait()
             await asyncio.sleep(RETRY_INTERVAL_SECONDS)
 
-    async def _acquire(self, tried: set[int]) -> Lease | None:
-        try:
-            return await self.pool.acquire(tried)
-        except SlotWaitTimeout as timeout:
-            raise unavailable(
-                f"{timeout}: the shared backends are in use by other gateways; try again",
-                retry_after=self.wait_seconds,
-                code="backend_busy",
-            ) from None
+    async def _check_model(self, backend: Backend) -> None:
+        """A shared member that now serves another model is refused (proxy/modelcheck.py)."""
+        assert self.model_check is not None
+        if self.model_check.is_due(backend):
+            problem = await self.model_check.check(backend)
+            if problem is not None:
+                backend.is_draining = True  # here at once; the others hear the trigger
+                raise BackendFailed(problem)
+
+    def _busy_error(self, timeout: SlotWaitTimeout) -> GatewayError:
+        return unavailable(
+            f"{timeout}: the shared backends are in use by other gateways; try again",
+            retry_after=self.wait_seconds,
+            code="backend_busy",
+        )
 
     async def _attempt(
         self,
@@ -168,6 +180,8 @@ class Dispatcher:
         is_stream: bool,
     ) -> RawAnswer:
         """The backend's response head; BackendFailed if it fails before its first byte."""
+        if backend.member_id is not None and self.model_check is not None:
+            await self._check_model(backend)
         try:
             return await self._request(backend, method, route, body, headers, is_stream)
         except BackendFailed as failed:

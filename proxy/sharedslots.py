@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import socket
 import time
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
 USABLE_FOR_SECONDS = 3.0
+# Rows of gateways gone this long are deleted, every so many heartbeats.
+FORGET_GONE_AFTER_SECONDS = 3600.0
+FORGET_EVERY_BEATS = 600
 
 GiveBack = tuple[int, int, int, int]  # backend id, slot, requests, errors
 
@@ -123,10 +127,14 @@ class SharedSlots:
             await self._give_back(backend_id, slot, requests, errors)
 
     async def _beat_forever(self) -> None:
-        while True:
+        for count in itertools.count(1):
             await asyncio.sleep(self.heartbeat_seconds)
             try:
                 await self.beat()
+                if count % FORGET_EVERY_BEATS == 0 and self.is_usable:
+                    await slotstore.forget_gone_gateways(self.pool, FORGET_GONE_AFTER_SECONDS)
+            except store.UNAVAILABLE_ERRORS:
+                pass  # the next heartbeat says so
             except Exception:  # a bug here must not stop the heartbeat: slots would expire
                 log.exception("the shared-slot heartbeat failed; trying again")
 

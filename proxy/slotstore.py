@@ -118,6 +118,17 @@ async def give_back_all(pool: asyncpg.Pool, gateway_id: str) -> None:
             await conn.execute("SELECT pg_notify($1, $2)", SLOTS_CHANNEL, gateway_id)
 
 
+async def forget_gone_gateways(pool: asyncpg.Pool, after_seconds: float) -> None:
+    """Delete the rows of gateways not seen for long (killed ones never delete theirs).
+
+    Their slots were free anyway: a holder without a live row holds nothing.
+    """
+    await pool.execute(
+        "DELETE FROM llama_gateways WHERE last_seen < now() - make_interval(secs => $1)",
+        after_seconds,
+    )
+
+
 async def set_waiting(pool: asyncpg.Pool, gateway_id: str, is_waiting: bool) -> None:
     """Mark that requests of this gateway wait for a slot (kept if already set), or none do."""
     await pool.execute(

@@ -10,6 +10,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 from conftest import free_port
 from fakeupstream import FakeUpstream
 from gatewayhelpers import add_user, bearer, chat, wait_until
@@ -243,3 +244,81 @@ async def test_slots_of_a_gateway_killed_with_sigkill_are_used_by_the_other_with
                 await held
     finally:
         killed.stop()
+
+
+async def test_a_turn_waits_for_a_held_slot_no_longer_than_the_queue_timeout(
+    start_gateway, db, aiohttp_server
+):
+    member = FakeUpstream()
+    member_id = await add_member(db, url_of(await aiohttp_server(member.make_app())), "gpu")
+    gateway = await shared_gateway(start_gateway, queue_timeout_seconds=0.5)
+    await wait_until(lambda: gateway.app[appkeys.BACKENDS].members, "the member")
+    # Another gateway, alive, holds the one slot.
+    await slotstore.heartbeat(db, "other", "host", False)
+    assert await slotstore.take_slot(db, "other", [member_id], False) == (member_id, 0)
+    response = await post_chat(gateway, await add_user(db, "alice"))
+    assert response.status == 503
+    assert response.headers["Retry-After"]
+    error = (await response.json())["error"]
+    assert error["code"] == "backend_busy" and "other gateways" in error["message"]
+    assert not member.seen
+
+
+async def test_metrics_and_readyz_name_shared_members(start_gateway, db, aiohttp_server):
+    member = FakeUpstream()
+    await add_member(db, url_of(await aiohttp_server(member.make_app())), "gpu-a")
+    gateway = await shared_gateway(start_gateway)
+    await wait_until(lambda: gateway.app[appkeys.BACKENDS].members, "the member")
+    assert (await post_chat(gateway, await add_user(db, "alice"))).status == 200
+    metrics = await (await gateway.get("/metrics")).text()
+    assert 'llamagate_backend_requests_total{address="127.0.0.1:' in metrics
+    assert 'backend="gpu-a"' in metrics
+    ready = await gateway.get("/readyz")
+    body = await ready.json()
+    assert ready.status == 200, body
+    assert body["backends"] == {"up": 1, "total": 1}
+    assert body["shared"] == {"members": 1, "usable": True}
+
+
+class OtherModelUpstream(FakeUpstream):
+    """A member whose /v1/models now lists another model."""
+
+    def make_app(self) -> web.Application:
+        app = super().make_app()
+        app.middlewares.append(self.other_model)
+        return app
+
+    @web.middleware
+    async def other_model(self, request: web.Request, handler) -> web.StreamResponse:
+        if request.path == "/v1/models":
+            self._note(request, None)
+            return web.json_response({"object": "list", "data": [{"id": "other"}]})
+        return await handler(request)
+
+
+async def test_a_member_that_now_serves_another_model_is_refused_and_takes_nothing(
+    start_gateway, db, aiohttp_server
+):
+    changed, right = OtherModelUpstream(), FakeUpstream()
+    await add_member(db, url_of(await aiohttp_server(changed.make_app())), "changed")
+    await add_member(db, url_of(await aiohttp_server(right.make_app())), "right")
+    first = await shared_gateway(start_gateway, model_name="m")
+    second = await shared_gateway(start_gateway, model_name="m")
+    for gateway in (first, second):
+        await wait_until(lambda g=gateway: len(g.app[appkeys.BACKENDS].members) == 2, "members")
+    key = await add_user(db, "alice")
+    statuses = [(await post_chat(first, key)).status for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert [seen.path for seen in changed.seen] == ["/v1/models"]  # asked, never sent a chat
+    row = await db.fetchrow("SELECT state, problem FROM llama_backends WHERE name = 'changed'")
+    assert row["state"] == "refused"
+    assert "serves other, not the pool's model 'm'" in row["problem"]
+    assert "enable-backend changed" in row["problem"]
+    # The trigger takes it out of the other gateway's pool too.
+    await wait_until(
+        lambda: (
+            [b.name for b in second.app[appkeys.BACKENDS].backends if b.is_draining] == ["changed"]
+        ),
+        "gateway B to drop it",
+    )
+    assert second.app[appkeys.QUEUE]._concurrency == 1

@@ -104,3 +104,13 @@ async def test_shutdown_gives_back_every_slot_and_forgets_the_gateway(db):
     await slotstore.give_back_all(db, "a")
     assert await holders(db, member) == [None, None]
     assert await db.fetchval("SELECT count(*) FROM llama_gateways") == 0
+
+
+async def test_rows_of_gateways_gone_long_ago_are_forgotten(db):
+    await slotstore.heartbeat(db, "gone", "host", False)
+    await slotstore.heartbeat(db, "here", "host", False)
+    await db.execute(
+        "UPDATE llama_gateways SET last_seen = now() - interval '2 hours' WHERE gateway_id = 'gone'"
+    )
+    await slotstore.forget_gone_gateways(db, 3600)
+    assert await db.fetchval("SELECT array_agg(gateway_id) FROM llama_gateways") == ["here"]

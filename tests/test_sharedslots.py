@@ -1,0 +1,99 @@
+"""This gateway's lease client (proxy/sharedslots.py) on the real PostgreSQL: no shared
+slot is taken once heartbeats have failed for a while, a slot that could not be given back
+is given back by the first heartbeat that goes through, and the waiting mark follows the
+requests that wait. The outage is a switch in front of the real pool (logic only)."""
+
+from __future__ import annotations
+
+import pytest
+from sharedmembers import add_member, holders
+
+from proxy.sharedslots import SharedSlots
+
+pytest_plugins = ["gatewayfixture"]
+pytestmark = pytest.mark.asyncio
+
+
+class Switch:
+    """The real pool, or a refused connection while `is_down`."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.is_down = False
+
+    def __getattr__(self, name):
+        if self.is_down:
+            raise ConnectionRefusedError("the database is down")
+        return getattr(self.pool, name)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def waiting_since(db, gateway_id: str):
+    return await db.fetchval(
+        "SELECT waiting_since FROM llama_gateways WHERE gateway_id = $1", gateway_id
+    )
+
+
+async def test_no_slot_is_taken_after_three_seconds_of_failed_heartbeats(db):
+    member = await add_member(db, "http://m:1", "m")
+    switch, clock = Switch(db), Clock()
+    slots = SharedSlots(switch, "gw", clock=clock)
+    assert not slots.is_usable  # never heartbeaten
+    await slots.beat()
+    assert slots.is_usable
+    switch.is_down = True
+    clock.now += 2.0
+    await slots.beat()
+    assert slots.is_usable  # a blip: still within the 3 s
+    clock.now += 1.5
+    await slots.beat()
+    assert not slots.is_usable
+    switch.is_down = False  # the database answers, but this gateway has not said so yet
+    assert await slots.take([member], is_waiter=False) is None
+    await slots.beat()
+    assert await slots.take([member], is_waiter=False) == (member, 0)
+
+
+async def test_a_slot_not_given_back_during_an_outage_is_given_back_by_the_next_heartbeat(db):
+    member = await add_member(db, "http://m:1", "m")
+    switch = Switch(db)
+    slots = SharedSlots(switch, "gw")
+    await slots.beat()
+    assert await slots.take([member], is_waiter=False) == (member, 0)
+    switch.is_down = True
+    await slots._give_back(member, 0, 1, 0)
+    switch.is_down = False
+    assert await holders(db, member) == ["gw"]  # still ours: the heartbeat keeps it alive
+    await slots.beat()
+    assert await holders(db, member) == [None]
+    assert await db.fetchval("SELECT requests FROM llama_backend_slots") == 1
+
+
+async def test_the_waiting_mark_is_set_by_the_first_waiter_and_cleared_by_the_last(db):
+    slots = SharedSlots(db, "gw")
+    await slots.beat()
+    slots.start_waiting()
+    slots.start_waiting()
+    await _settled(slots)
+    marked = await waiting_since(db, "gw")
+    assert marked is not None
+    slots.stop_waiting(has_slot=False)
+    await _settled(slots)
+    assert await waiting_since(db, "gw") == marked  # one still waits: same place in line
+    slots.stop_waiting(has_slot=False)
+    await _settled(slots)
+    assert await waiting_since(db, "gw") is None
+    await slots.stop()
+    assert await db.fetchval("SELECT count(*) FROM llama_gateways") == 0
+
+
+async def _settled(slots: SharedSlots) -> None:
+    for task in list(slots._tasks):
+        await task
