@@ -143,12 +143,27 @@ class SharedSlots:
         if not self.is_usable:
             return None
         others_wait = self.waiters - is_waiter > 0
-        try:
-            return await slotstore.take_slot(
+        taking = asyncio.ensure_future(
+            slotstore.take_slot(
                 self.pool, self.gateway_id, backend_ids, others_wait, self.lease_seconds
             )
+        )
+        try:
+            return await asyncio.shield(taking)
+        except asyncio.CancelledError:
+            # The request went (its client hung up) while the UPDATE ran. The slot it may
+            # have taken is nobody's now, and this gateway's heartbeat would keep it held
+            # for good: give it back once the UPDATE has finished.
+            self._spawn(self._give_back_unwanted(taking))
+            raise
         except store.UNAVAILABLE_ERRORS:
             return None
+
+    async def _give_back_unwanted(self, taking: asyncio.Future[tuple[int, int] | None]) -> None:
+        with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
+            taken = await taking
+            if taken is not None:
+                await self._give_back(*taken, 0, 0)
 
     def give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
         """Give a slot back in the background (the answer is already on its way)."""

@@ -5,6 +5,8 @@ requests that wait. The outage is a switch in front of the real pool (logic only
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sharedmembers import add_member, holders
 
@@ -33,6 +35,25 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+class LateAnswer:
+    """The real pool, whose take answers only once `answer` is set: the UPDATE has
+    committed in PostgreSQL (`committed`) but the gateway has not heard of it yet."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.committed = asyncio.Event()
+        self.answer = asyncio.Event()
+
+    async def fetchrow(self, *args):
+        row = await self.pool.fetchrow(*args)
+        self.committed.set()
+        await self.answer.wait()
+        return row
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
 
 
 async def waiting_since(db, gateway_id: str):
@@ -76,6 +97,25 @@ async def test_a_slot_not_given_back_during_an_outage_is_given_back_by_the_next_
     assert await db.fetchval("SELECT requests FROM llama_backend_slots") == 1
 
 
+async def test_a_slot_taken_for_a_request_that_went_meanwhile_is_given_back(db):
+    # A client that hangs up cancels its request; if that lands while the take's UPDATE
+    # runs, the slot is held in the database with no request to give it back, and the
+    # heartbeat would keep it held: the member served no one until a restart.
+    member = await add_member(db, "http://m:1", "m")
+    late = LateAnswer(db)
+    slots = SharedSlots(late, "gw")
+    await slots.beat()
+    taking = asyncio.ensure_future(slots.take([member], is_waiter=False))
+    await late.committed.wait()
+    taking.cancel()
+    late.answer.set()
+    with pytest.raises(asyncio.CancelledError):
+        await taking
+    await _settled(slots)
+    assert await holders(db, member) == [None]
+    assert await slots.take([member], is_waiter=False) == (member, 0)
+
+
 async def test_the_waiting_mark_is_set_by_the_first_waiter_and_cleared_by_the_last(db):
     slots = SharedSlots(db, "gw")
     await slots.beat()
@@ -95,5 +135,7 @@ async def test_the_waiting_mark_is_set_by_the_first_waiter_and_cleared_by_the_la
 
 
 async def _settled(slots: SharedSlots) -> None:
-    for task in list(slots._tasks):
-        await task
+    # A task spawned by another's end (the give-back after a cancelled take) is awaited too.
+    while slots._tasks:
+        await asyncio.gather(*slots._tasks)
+        await asyncio.sleep(0)  # their done callbacks take them out of the set
