@@ -116,6 +116,7 @@ class BackendPool:
         self._clock = clock
         self._turns = itertools.count()
         self._waiters: list[asyncio.Future[None]] = []
+        self._wakeups = 0  # how often waiters were woken: one woken while none waited
 
     @property
     def capacity(self) -> int:
@@ -215,6 +216,7 @@ class BackendPool:
         is_waiting = has_slot = False
         try:
             while True:
+                wakeups = self._wakeups
                 local = self.pick(tried)
                 if isinstance(local, Backend):
                     return self._lease(local)
@@ -237,7 +239,10 @@ class BackendPool:
                 if not is_waiting:
                     is_waiting = True
                     self.shared.start_waiting()
-                await self._wait(POLL_SECONDS)
+                # A slot given back while the take ran (the notification came before this
+                # turn waited) wakes no one: look again at once instead of at the next poll.
+                if self._wakeups == wakeups:
+                    await self._wait(POLL_SECONDS)
         finally:
             if is_waiting:
                 self.shared.stop_waiting(has_slot)
@@ -303,6 +308,7 @@ class BackendPool:
     def _wake_waiters(self) -> None:
         # Every waiter looks again; the first one woken takes the slot. Few ever wait:
         # only turns granted while some backend is down.
+        self._wakeups += 1
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             if not waiter.done():

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+import proxy.pool
 from proxy.configparse import parse_backend_urls
 from proxy.pool import WAIT, BackendPool
 from proxy.registry import Member
@@ -216,3 +217,32 @@ async def test_a_drained_member_takes_nothing_new_and_a_waiter_gets_the_next_fre
     assert lease.backend.member_id == 2 and shared.waiters == 0
     pool.update_members([member(2)])  # member 1 removed
     assert [backend.name for backend in pool.backends] == ["gpu2"]
+
+
+class RacingSharedSlots(FakeSharedSlots):
+    """The first take misses a slot that another request of this gateway gives back while
+    the take runs: the wake-up comes before the turn waits."""
+
+    async def take(self, backend_ids, is_waiter):
+        if self.takes:
+            return await super().take(backend_ids, is_waiter)
+        self.takes.append(list(backend_ids))
+        await asyncio.sleep(0)  # the take's round trip to PostgreSQL
+        self.give_back(7, 0, 1, 0)
+        return None
+
+
+@pytest.mark.asyncio
+async def test_a_slot_given_back_while_the_take_runs_is_taken_at_once_not_at_the_next_poll(
+    monkeypatch,
+):
+    # One client sending requests back to back through a member of concurrency 1: each
+    # take raced the previous request's give-back, and waited for the poll (0.25 s).
+    monkeypatch.setattr(proxy.pool, "POLL_SECONDS", 60.0)
+    pool = BackendPool((), slots=1, wait_seconds=120)
+    shared = RacingSharedSlots({7: []})
+    pool.share_through(shared)
+    pool.update_members([member(7)])
+    lease = await asyncio.wait_for(pool.acquire(), 10)
+    assert (lease.backend.member_id, lease.slot) == (7, 0)
+    assert len(shared.takes) == 2 and shared.waiters == 0
