@@ -66,6 +66,7 @@ class SharedSlots:
         self._has_warned = False
         self._unreturned: list[GiveBack] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._marking = asyncio.Lock()
         self._beating: asyncio.Task[None] | None = None
 
     @property
@@ -184,15 +185,20 @@ class SharedSlots:
             self._spawn(self._mark_waiting())
 
     def stop_waiting(self, has_slot: bool) -> None:
-        """A waiting request got its slot (the take updated the mark) or gave up."""
+        """A waiting request got its slot or gave up; the last one clears the mark."""
         self.waiters -= 1
-        if not self.waiters and not has_slot:
+        if not self.waiters:
+            # Even with a slot: the take cleared the mark, but the first waiter's mark may
+            # have landed after that take on another connection. Left set, it would hold
+            # every other gateway back until the next heartbeat (up to a second).
             self._spawn(self._mark_waiting())
 
     async def _mark_waiting(self) -> None:
-        # The heartbeat carries the same mark each second, should this one fail.
-        with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
-            await slotstore.set_waiting(self.pool, self.gateway_id, self.waiters > 0)
+        # One at a time, in the order asked, each with the count as it is then: the last
+        # one written is the true one. The heartbeat carries it each second too.
+        async with self._marking:
+            with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
+                await slotstore.set_waiting(self.pool, self.gateway_id, self.waiters > 0)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)

@@ -56,6 +56,25 @@ class LateAnswer:
         return getattr(self.pool, name)
 
 
+class SlowMark:
+    """The real pool, whose waiting marks (execute) wait for `go` once `is_holding`."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.is_holding = False
+        self.held = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def execute(self, *args):
+        if self.is_holding:
+            self.held.set()
+            await self.go.wait()
+        return await self.pool.execute(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
 async def waiting_since(db, gateway_id: str):
     return await db.fetchval(
         "SELECT waiting_since FROM llama_gateways WHERE gateway_id = $1", gateway_id
@@ -139,3 +158,21 @@ async def _settled(slots: SharedSlots) -> None:
     while slots._tasks:
         await asyncio.gather(*slots._tasks)
         await asyncio.sleep(0)  # their done callbacks take them out of the set
+
+
+async def test_a_waiting_mark_that_lands_after_the_take_that_cleared_it_is_cleared_again(db):
+    # The first waiter's mark and its take run on two connections; a mark that commits
+    # after the take left this gateway "waiting" with no waiter, and every other gateway
+    # behind it until the next heartbeat.
+    member = await add_member(db, "http://m:1", "m")
+    slow = SlowMark(db)
+    slots = SharedSlots(slow, "gw")
+    await slots.beat()
+    slow.is_holding = True
+    slots.start_waiting()
+    await slow.held.wait()  # the mark is on its way
+    assert await slots.take([member], is_waiter=True) == (member, 0)
+    slots.stop_waiting(has_slot=True)
+    slow.go.set()
+    await _settled(slots)
+    assert await waiting_since(db, "gw") is None
