@@ -38,8 +38,7 @@ TINY += ["--flood", "2", "--flood-tokens", "4", "--probes", "1", "--relay-stream
 TINY += ["--scaleout-seconds", "1"]
 # Capacity restarts the stack twice (about 40 s even when tiny): left out of the smoke
 # run for the suite's time; its arithmetic is tested below, and the bench runs it.
-# Two gateways: left out until the gateway serves shared members (branch sharedpool).
-TINY += ["--only", ",".join(name for name in SCENARIOS if name not in ("capacity", "twogateways"))]
+TINY += ["--only", ",".join(name for name in SCENARIOS if name != "capacity")]
 # (scenario, start of the metric, whether direct and gateway both carry a figure)
 EXPECTED_ROWS = [
     ("1 overhead", "p50 latency, 1 connection", True),
@@ -61,6 +60,10 @@ EXPECTED_ROWS = [
     ("4 restart", "longest wait", True),
     ("8 scale-out", "1 backend, requests/s", True),
     ("8 scale-out", "8 backends, requests/s against linear", True),
+    ("9 two gateways", "2 gateways, requests/s against 1 gateway", True),
+    ("9 two gateways", "overlapping requests on member 2, 2 gateways", False),
+    ("9 two gateways", "failed requests, all runs", False),
+    ("9 two gateways", "p99 latency, 1 client, shared member against local replica", True),
 ]
 
 

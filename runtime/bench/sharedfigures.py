@@ -81,8 +81,12 @@ class TwoGatewayFigures:
 
 async def throughput(targets: Sequence[Target], clients: int, seconds: float) -> Throughput:
     """`clients` clients, dealt round-robin over `targets`, each sending one request after
-    another for `seconds`. Requests started before the end run to their end, and the
-    clock includes them; a failed request is counted, and the client goes on."""
+    another for `seconds`; a failed request is counted, and the client goes on.
+
+    Only answers that arrived within the `seconds` count, over exactly that time: the
+    requests still queued at the end (up to a member's round of 200 ms each) run to their
+    end but would otherwise add a tail of idle members to a short run.
+    """
     deadline = time.perf_counter() + seconds
 
     async def one_client(session: aiohttp.ClientSession, slot: int) -> tuple[int, int]:
@@ -91,17 +95,17 @@ async def throughput(targets: Sequence[Target], clients: int, seconds: float) ->
         while time.perf_counter() < deadline:
             try:
                 await whole(session, target, CHAT_PATH, chat("Hi.", 4, slot))
-                answered += 1
             except FAILURES:
                 failed += 1
+                continue
+            answered += time.perf_counter() < deadline
         return answered, failed
 
-    started = time.perf_counter()
     async with new_session(clients + 4) as session:
         counts = await asyncio.gather(*(one_client(session, slot) for slot in range(clients)))
     answered = sum(count[0] for count in counts)
     failed = sum(count[1] for count in counts)
-    return Throughput(answered / (time.perf_counter() - started), answered, failed)
+    return Throughput(answered / seconds, answered, failed)
 
 
 async def alternating_latencies(local: Target, shared: Target, seconds: float) -> Latencies:
@@ -154,8 +158,8 @@ def twogateway_rows(figures: TwoGatewayFigures) -> list[Row]:
     for label, share in (("p50", 0.5), ("p99", 0.99)):
         baseline, measured = percentile(local, share), percentile(shared, share)
         rows.append(
-            Row(SCENARIO, f"{label} latency, 1 client, shared member against local replica",
-                "ms", baseline, measured, ADDED, f"<= {MAX_ADDED_MS:.0f} ms added",
-                measured - baseline <= MAX_ADDED_MS)
+            Row(SCENARIO, f"{label} latency, 1 client, shared member against local replica "
+                f"({len(shared)} requests each)", "ms", baseline, measured, ADDED,
+                f"<= {MAX_ADDED_MS:.0f} ms added", measured - baseline <= MAX_ADDED_MS)
         )  # fmt: skip
     return rows

@@ -74,6 +74,7 @@ def measure_two_gateways(stack: Stack, key: str, seconds: float, echo: Echo) -> 
         register_members(stack, [SharedMember(FAST_NAME, f"http://127.0.0.1:{fast_port}")])
         wait_for_members(first.url, 1)
         local_url = start_replica_gateway(stack, "twogw-local", fast_port, exits)
+        wait_for_members(local_url, 0)  # it cannot open the member's key: its replica only
         local = Target("gateway", local_url, key)
         latencies = asyncio.run(alternating_latencies(local, first, seconds))
     return TwoGatewayFigures(one, two, overlaps_one, overlaps_two, latencies)
