@@ -88,6 +88,7 @@ def two_gateway_report(figures: TwoGatewayFigures) -> tuple[list, str]:
         f"{CLIENTS_PER_MEMBER * MEMBERS} clients each sending one request after another; "
         f"overlaps are counted by the members themselves; the latency rows alternate one "
         f"client's requests between a fast canned upstream as a shared member and as "
-        f"another gateway's local replica"
+        f"another gateway's local replica; PostgreSQL as the console runs it (fsync and "
+        f"synchronous commit on: each take waits for a WAL flush)"
     )
     return sharedfigures.twogateway_rows(figures), note
