@@ -143,12 +143,26 @@ class SharedSlots:
         if not self.is_usable:
             return None
         others_wait = self.waiters - is_waiter > 0
-        try:
-            return await slotstore.take_slot(
+        taking = asyncio.ensure_future(
+            slotstore.take_slot(
                 self.pool, self.gateway_id, backend_ids, others_wait, self.lease_seconds
             )
+        )
+        try:
+            return await asyncio.shield(taking)
         except store.UNAVAILABLE_ERRORS:
             return None
+        except asyncio.CancelledError:
+            # The request went (client gone, time cap) while its take was under way: a
+            # slot the take still gets would stay this live gateway's for ever.
+            taking.add_done_callback(self._give_back_orphan)
+            raise
+
+    def _give_back_orphan(self, taking: asyncio.Future[tuple[int, int] | None]) -> None:
+        if not taking.cancelled() and taking.exception() is None:
+            taken = taking.result()
+            if taken is not None:
+                self.give_back(*taken, 0, 0)
 
     def give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
         """Give a slot back in the background (the answer is already on its way)."""

@@ -5,7 +5,10 @@ requests that wait. The outage is a switch in front of the real pool (logic only
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from gatewayhelpers import wait_until
 from sharedmembers import add_member, holders
 
 from proxy.sharedslots import SharedSlots
@@ -97,3 +100,32 @@ async def test_the_waiting_mark_is_set_by_the_first_waiter_and_cleared_by_the_la
 async def _settled(slots: SharedSlots) -> None:
     for task in list(slots._tasks):
         await task
+
+
+class GatedPool:
+    """Answers the take only when told, and records the statements (logic only)."""
+
+    def __init__(self) -> None:
+        self.answer = asyncio.Event()
+        self.executed: list[tuple] = []
+
+    async def fetchrow(self, query, *args):
+        await self.answer.wait()
+        return {"backend_id": 7, "slot": 0}
+
+    async def execute(self, query, *args):
+        self.executed.append(args)
+
+
+async def test_a_slot_taken_for_a_request_that_has_gone_is_given_back():
+    pool = GatedPool()
+    slots = SharedSlots(pool, "gw")
+    slots._last_beat = slots.clock()  # heartbeaten just now
+    taking = asyncio.ensure_future(slots.take([7], is_waiter=False))
+    await asyncio.sleep(0)  # the take is under way
+    taking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await taking
+    pool.answer.set()  # the database took the slot all the same
+    await wait_until(lambda: pool.executed, "the slot given back")
+    assert pool.executed[0][:5] == ("gw", 7, 0, 0, 0)
