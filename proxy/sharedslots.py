@@ -151,20 +151,19 @@ class SharedSlots:
         )
         try:
             return await asyncio.shield(taking)
-        except asyncio.CancelledError:
-            # The request went (its client hung up) while the UPDATE ran. The slot it may
-            # have taken is nobody's now, and this gateway's heartbeat would keep it held
-            # for good: give it back once the UPDATE has finished.
-            self._spawn(self._give_back_unwanted(taking))
-            raise
         except store.UNAVAILABLE_ERRORS:
             return None
+        except asyncio.CancelledError:
+            # The request went (client gone, time cap) while its take was under way: a
+            # slot the take still gets would stay this live gateway's for ever.
+            taking.add_done_callback(self._give_back_orphan)
+            raise
 
-    async def _give_back_unwanted(self, taking: asyncio.Future[tuple[int, int] | None]) -> None:
-        with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
-            taken = await taking
+    def _give_back_orphan(self, taking: asyncio.Future[tuple[int, int] | None]) -> None:
+        if not taking.cancelled() and taking.exception() is None:
+            taken = taking.result()
             if taken is not None:
-                await self._give_back(*taken, 0, 0)
+                self.give_back(*taken, 0, 0)
 
     def give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
         """Give a slot back in the background (the answer is already on its way)."""

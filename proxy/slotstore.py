@@ -64,6 +64,7 @@ WITH me AS (
 ), turn AS (
     UPDATE llama_gateways SET waiting_since = CASE WHEN $4 THEN now() END
     WHERE gateway_id = $1 AND EXISTS (SELECT 1 FROM taken)
+      AND (waiting_since IS NOT NULL OR $4)  -- no write when nothing changes
 )
 SELECT backend_id, slot FROM taken
 """

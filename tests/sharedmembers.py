@@ -1,9 +1,13 @@
 """Shared backends registered straight through SQL (and proxy/sealing.py), as add-backend
-would, so the gateway-side tests do not depend on the admin commands."""
+would, so the gateway-side tests do not depend on the admin commands; and a fake member
+that counts the requests it runs at once."""
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
+from fakeupstream import FakeUpstream
 
 from proxy.sealing import seal
 
@@ -47,3 +51,28 @@ async def holders(pool: asyncpg.Pool, member_id: int) -> list[str | None]:
         member_id,
     )
     return [row["gateway_id"] for row in rows]
+
+
+class CountingUpstream(FakeUpstream):
+    """A fake member that takes `seconds` per chat and counts the chats it runs at once."""
+
+    def __init__(self, seconds: float = 0.02) -> None:
+        super().__init__()
+        self.seconds = seconds
+        self.running = 0
+        self.peak = 0
+        self.chats = 0
+
+    async def chat(self, request):
+        self.running += 1
+        self.chats += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(self.seconds)  # the work of generating, not synchronisation
+            return await super().chat(request)
+        finally:
+            self.running -= 1
+
+
+def url_of(server) -> str:
+    return str(server.make_url("")).rstrip("/")

@@ -11,8 +11,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from gatewayhelpers import add_user, bearer, chat, gateway_config, wait_until
-from sharedmembers import BACKEND_SECRET, add_member
-from test_gateway_shared import CountingUpstream, url_of
+from sharedmembers import BACKEND_SECRET, CountingUpstream, add_member, url_of
 
 from proxy import appkeys
 from proxy.app import make_app

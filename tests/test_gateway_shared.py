@@ -15,37 +15,19 @@ from conftest import free_port
 from fakeupstream import FakeUpstream
 from gatewayhelpers import add_user, bearer, chat, wait_until
 from gatewayprocess import start_gateway_process
-from sharedmembers import BACKEND_SECRET, MEMBER_KEY, add_member, holders
+from sharedmembers import (
+    BACKEND_SECRET,
+    MEMBER_KEY,
+    CountingUpstream,
+    add_member,
+    holders,
+    url_of,
+)
 
 from proxy import appkeys, slotstore
 
 pytest_plugins = ["gatewayfixture"]
 pytestmark = pytest.mark.asyncio
-
-
-class CountingUpstream(FakeUpstream):
-    """A fake member that takes `seconds` per chat and counts the chats it runs at once."""
-
-    def __init__(self, seconds: float = 0.02) -> None:
-        super().__init__()
-        self.seconds = seconds
-        self.running = 0
-        self.peak = 0
-        self.chats = 0
-
-    async def chat(self, request):
-        self.running += 1
-        self.chats += 1
-        self.peak = max(self.peak, self.running)
-        try:
-            await asyncio.sleep(self.seconds)  # the work of generating, not synchronisation
-            return await super().chat(request)
-        finally:
-            self.running -= 1
-
-
-def url_of(server) -> str:
-    return str(server.make_url("")).rstrip("/")
 
 
 async def shared_gateway(start_gateway, **overrides):
