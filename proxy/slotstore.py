@@ -33,40 +33,11 @@ ON CONFLICT (gateway_id) DO UPDATE SET
     waiting_since = CASE WHEN $3 THEN coalesce(g.waiting_since, now()) END
 """
 
-# $1 gateway, $2 member ids, $3 lease seconds, $4 whether other requests of this
-# gateway still wait once this one has its slot.
+# The rule of the module docstring, in one statement: the function of migration m011
+# (its plan made once per connection). $1 gateway, $2 member ids, $3 lease seconds, $4
+# whether other requests of this gateway still wait once this one has its slot.
 TAKE_SQL = """
-WITH me AS (
-    SELECT coalesce(
-        (SELECT waiting_since FROM llama_gateways WHERE gateway_id = $1), now()
-    ) AS since
-), older_waiter AS (
-    SELECT 1 FROM llama_gateways g, me
-    WHERE g.gateway_id <> $1
-      AND g.waiting_since < me.since
-      AND g.last_seen > now() - make_interval(secs => $3)
-    LIMIT 1
-), free AS (
-    SELECT s.backend_id, s.slot FROM llama_backend_slots s
-    WHERE s.backend_id = ANY($2::bigint[])
-      AND NOT EXISTS (SELECT 1 FROM older_waiter)
-      AND (s.gateway_id IS NULL OR NOT EXISTS (
-          SELECT 1 FROM llama_gateways h
-          WHERE h.gateway_id = s.gateway_id
-            AND h.last_seen > now() - make_interval(secs => $3)))
-    ORDER BY s.last_used NULLS FIRST, s.backend_id, s.slot
-    LIMIT 1
-    FOR UPDATE OF s SKIP LOCKED
-), taken AS (
-    UPDATE llama_backend_slots s SET gateway_id = $1, leased_at = now()
-    FROM free WHERE s.backend_id = free.backend_id AND s.slot = free.slot
-    RETURNING s.backend_id, s.slot
-), turn AS (
-    UPDATE llama_gateways SET waiting_since = CASE WHEN $4 THEN now() END
-    WHERE gateway_id = $1 AND EXISTS (SELECT 1 FROM taken)
-      AND (waiting_since IS NOT NULL OR $4)  -- no write when nothing changes
-)
-SELECT backend_id, slot FROM taken
+SELECT taken_backend, taken_slot FROM llamagate_take_slot($1, $2::bigint[], $3, $4)
 """
 
 GIVE_BACK_SQL = """
@@ -96,7 +67,7 @@ async def take_slot(
     """(backend id, slot) of a free slot of one of these members, now held; None if none
     is free or a live gateway has waited longer."""
     row = await pool.fetchrow(TAKE_SQL, gateway_id, list(backend_ids), lease_seconds, still_waiting)
-    return None if row is None else (row["backend_id"], row["slot"])
+    return None if row["taken_backend"] is None else (row["taken_backend"], row["taken_slot"])
 
 
 async def give_back(

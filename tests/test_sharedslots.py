@@ -111,7 +111,7 @@ class GatedPool:
 
     async def fetchrow(self, query, *args):
         await self.answer.wait()
-        return {"backend_id": 7, "slot": 0}
+        return {"taken_backend": 7, "taken_slot": 0}
 
     async def execute(self, query, *args):
         self.executed.append(args)
