@@ -21,6 +21,8 @@ from runtime.bench.sharedfigures import (
     CLIENTS_PER_MEMBER,
     MEMBERS,
     SERVICE_SECONDS,
+    Overlaps,
+    Throughput,
     TwoGatewayFigures,
     alternating_latencies,
     throughput,
@@ -57,18 +59,8 @@ def measure_two_gateways(stack: Stack, key: str, seconds: float, echo: Echo) -> 
                 for name, port in zip(SLOW_NAMES, slow_ports, strict=True)
             ],
         )
-        clients = CLIENTS_PER_MEMBER * MEMBERS
         first = Target("gateway", start_member_gateway(stack, "twogw-1", exits, MEMBERS), key)
-        echo(f"scenario 9: run A, {clients} clients through 1 gateway ({seconds:.0f}s)")
-        take_overlaps(slow_ports)
-        one = asyncio.run(throughput([first], clients, seconds))
-        overlaps_one = take_overlaps(slow_ports)
-        with contextlib.ExitStack() as second_exits:
-            second_url = start_member_gateway(stack, "twogw-2", second_exits, MEMBERS)
-            second = Target("gateway", second_url, key)
-            echo(f"scenario 9: run B, the same clients split over 2 gateways ({seconds:.0f}s)")
-            two = asyncio.run(throughput([first, second], clients, seconds))
-            overlaps_two = take_overlaps(slow_ports)
+        runs = run_a_and_b(stack, first, slow_ports, seconds, echo)
         echo("scenario 9: added latency of a shared slot, 1 client, local and shared in turn")
         remove_members(stack, SLOW_NAMES)
         register_members(stack, [SharedMember(FAST_NAME, f"http://127.0.0.1:{fast_port}")])
@@ -77,7 +69,27 @@ def measure_two_gateways(stack: Stack, key: str, seconds: float, echo: Echo) -> 
         wait_for_members(local_url, 0)  # it cannot open the member's key: its replica only
         local = Target("gateway", local_url, key)
         latencies = asyncio.run(alternating_latencies(local, first, seconds))
-    return TwoGatewayFigures(one, two, overlaps_one, overlaps_two, latencies)
+    return TwoGatewayFigures(*runs, latencies)
+
+
+def run_a_and_b(
+    stack: Stack, first: Target, slow_ports: list[int], seconds: float, echo: Echo
+) -> tuple[Throughput, Throughput, list[Overlaps], list[Overlaps]]:
+    """Run A through `first` alone, then run B through it and a second gateway that stops
+    afterwards: each run's throughput, then each run's overlaps per member."""
+    clients = CLIENTS_PER_MEMBER * MEMBERS
+    echo(f"scenario 9: run A, {clients} clients through 1 gateway ({seconds:.0f}s)")
+    take_overlaps(slow_ports)  # counting starts afresh
+    one = asyncio.run(throughput([first], clients, seconds))
+    overlaps_one = take_overlaps(slow_ports)
+    with contextlib.ExitStack() as exits:
+        second = Target(
+            "gateway", start_member_gateway(stack, "twogw-2", exits, MEMBERS), first.key
+        )
+        echo(f"scenario 9: run B, the same clients split over 2 gateways ({seconds:.0f}s)")
+        two = asyncio.run(throughput([first, second], clients, seconds))
+        overlaps_two = take_overlaps(slow_ports)
+    return one, two, overlaps_one, overlaps_two
 
 
 def two_gateway_report(figures: TwoGatewayFigures) -> tuple[list, str]:
