@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
-from runtime.bootstrap import ensure_backend_secret, ensure_config, render_config
+from runtime.bootstrap import (
+    CONFIG_LOCK_NAME,
+    ensure_backend_secret,
+    ensure_config,
+    render_config,
+)
 from runtime.cli_support import load
 from runtime.configfile import set_config_value
 from runtime.settings import KEYS, Paths, load_settings
@@ -188,3 +197,30 @@ def test_a_mutating_console_command_says_once_that_it_wrote_the_secret(paths, mo
     assert "every gateway and admin host on one database needs the same value" in first
     assert capsys.readouterr().err == ""
     assert settings.gateway.backend_secret == load_settings(paths, {}, {})[SECRET_KEY]
+
+
+def is_a_flock_waited_for() -> bool:
+    """Whether this process (a thread of it) is blocked on a flock: /proc/locks lists a
+    waiter with "->" before its lock type, and its pid."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any("-> FLOCK" in line and f" {os.getpid()} " in line for line in lines)
+
+
+def test_two_consoles_at_once_write_one_backend_secret(paths):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text("LLAMA_SERVER_PORT=9001\n")
+    paths.run_dir.mkdir(parents=True)
+    results: list[bool] = []
+    lock_fd = os.open(paths.run_dir / CONFIG_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # the first console, busy writing its secret
+        second = threading.Thread(target=lambda: results.append(ensure_backend_secret(paths, {})))
+        second.start()
+        wait_for(is_a_flock_waited_for, timeout=5, what="the second console to wait for the lock")
+        set_config_value(paths.config_env, SECRET_KEY, "the-first-consoles-secret")
+    finally:
+        os.close(lock_fd)
+    second.join(10)
+
+    assert results == [False]
+    assert load_settings(paths, {}, {})[SECRET_KEY] == "the-first-consoles-secret"
