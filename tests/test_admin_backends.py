@@ -55,7 +55,9 @@ class Member:
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response({"openapi": "3.1.0"})
 
-    def serve(self, started: threading.Event, stop: threading.Event) -> None:
+    def serve(self, started: threading.Event) -> None:
+        """Serve in this thread's own loop until stop() is called."""
+
         async def main() -> None:
             app = web.Application()
             app.router.add_get("/v1/models", self.list_models)
@@ -63,23 +65,26 @@ class Member:
             runner = web.AppRunner(app)
             await runner.setup()
             await web.TCPSite(runner, "127.0.0.1", self.port).start()
+            self.loop, self.stopping = asyncio.get_running_loop(), asyncio.Event()
             started.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.05)  # the thread's own loop: how it notices the end
+            await self.stopping.wait()
             await runner.cleanup()
 
         asyncio.run(main())
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopping.set)
 
 
 @pytest.fixture(scope="module")
 def running_member() -> Iterator[Member]:
     member = Member()
-    started, stop = threading.Event(), threading.Event()
-    thread = threading.Thread(target=member.serve, args=(started, stop), daemon=True)
+    started = threading.Event()
+    thread = threading.Thread(target=member.serve, args=(started,), daemon=True)
     thread.start()
     assert started.wait(10), "the fake member did not start"
     yield member
-    stop.set()
+    member.stop()
     thread.join(10)
 
 
