@@ -34,6 +34,10 @@ def load(paths: Paths, model: str | None = None, *, is_writing: bool = False) ->
     """Settings for a command; mutating commands first create config.env if it is missing."""
     if is_writing:
         bootstrap.ensure_config(paths)
+        # Once, for a config.env from before LLAMA_PROXY_BACKEND_SECRET existed.
+        if bootstrap.ensure_backend_secret(paths):
+            key, path = bootstrap.BACKEND_SECRET_KEY, paths.config_env
+            click.echo(bootstrap.SECRET_WRITTEN.format(key=key, path=path), err=True)
     return load_settings(paths, flags={"LLAMA_MODEL": model} if model else {})
 
 
