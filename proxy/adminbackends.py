@@ -132,7 +132,7 @@ def add_backend(
     if not env.model_name:
         raise CliError(NO_MODEL_NAME, EXIT_BAD_INPUT)
     key = read_key(key_file)
-    sealed_key = seal(env.backend_secret, name, key)
+    sealed_key = seal(env.backend_secret, name, url, key)
 
     async def check_and_add(conn: asyncpg.Connection) -> str:
         taken = await backendstore.find_taken(conn, name, url)

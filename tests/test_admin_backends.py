@@ -146,16 +146,19 @@ def test_add_backend_writes_the_row_and_its_slots_with_the_key_sealed(pg_dsn, me
     assert (row["state"], row["problem"], row["model"]) == ("active", "", POOL_MODEL)
     assert slots(pg_dsn) == [(NAME, 0), (NAME, 1), (NAME, 2)]
     assert MEMBER_KEY not in json.dumps(row, default=str)
-    assert unseal(SECRET, NAME, row["sealed_key"]) == MEMBER_KEY
+    assert unseal(SECRET, NAME, row["url"], row["sealed_key"]) == MEMBER_KEY
 
 
-def test_a_sealed_key_does_not_open_with_another_secret_or_on_another_row(pg_dsn, member):
+def test_a_sealed_key_does_not_open_with_another_secret_on_another_row_or_url(pg_dsn, member):
     assert add(pg_dsn, member.url).exit_code == 0
     [row] = backends(pg_dsn)
     with pytest.raises(SealingError, match="differs from the one it was added with"):
-        unseal("another-secret", NAME, row["sealed_key"])
+        unseal("another-secret", NAME, row["url"], row["sealed_key"])
     with pytest.raises(SealingError):
-        unseal(SECRET, "another-name", row["sealed_key"])
+        unseal(SECRET, "another-name", row["url"], row["sealed_key"])
+    # Write access to the row cannot point the member's key at a host of the attacker's.
+    with pytest.raises(SealingError, match="its name or URL was changed"):
+        unseal(SECRET, NAME, "http://attacker.example:8000", row["sealed_key"])
 
 
 def test_add_backend_reads_the_key_from_a_file(pg_dsn, member, tmp_path: Path):
@@ -164,7 +167,7 @@ def test_add_backend_reads_the_key_from_a_file(pg_dsn, member, tmp_path: Path):
     result = invoke(pg_dsn, "add-backend", member.url, "--name", NAME, "--key-file", str(key_file))
 
     assert result.exit_code == 0, result.output
-    assert unseal(SECRET, NAME, backends(pg_dsn)[0]["sealed_key"]) == MEMBER_KEY
+    assert unseal(SECRET, NAME, member.url, backends(pg_dsn)[0]["sealed_key"]) == MEMBER_KEY
 
 
 def test_add_backend_takes_no_key_on_the_command_line(pg_dsn, member):
@@ -392,7 +395,7 @@ def test_a_real_llama_cpp_server_is_accepted_and_a_wrong_key_refused(pg_dsn, ser
     assert accepted.exit_code == 0, accepted.output
     [row] = backends(pg_dsn)
     assert (row["url"], row["model"]) == (url, FALLBACK_MODEL_NAME)
-    assert unseal(SECRET, NAME, row["sealed_key"]) == TEST_API_KEY
+    assert unseal(SECRET, NAME, row["url"], row["sealed_key"]) == TEST_API_KEY
 
 
 def test_the_console_hands_the_admin_cli_its_model_name_secret_and_replicas(
@@ -420,7 +423,7 @@ def test_the_console_hands_the_admin_cli_its_model_name_secret_and_replicas(
 
     assert added.returncode == 0, added.stderr
     secret = load_settings(paths, {}, {})["LLAMA_PROXY_BACKEND_SECRET"]
-    assert unseal(secret, NAME, backends(pg_dsn)[0]["sealed_key"]) == MEMBER_KEY
+    assert unseal(secret, NAME, member.url, backends(pg_dsn)[0]["sealed_key"]) == MEMBER_KEY
     records = json.loads(listed.stdout)
     assert [(r["name"], r["url"], r["up"]) for r in records] == [
         (NAME, member.url, True),
