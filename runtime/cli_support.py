@@ -30,11 +30,21 @@ class ConsoleGroup(ErrorMappingGroup):
         return CliError(str(error), EXIT_FAILURE, detail)
 
 
-def load(paths: Paths, model: str | None = None, *, is_writing: bool = False) -> Settings:
-    """Settings for a command; mutating commands first create config.env if it is missing."""
+def load(
+    paths: Paths,
+    model: str | None = None,
+    *,
+    is_writing: bool = False,
+    backend_only: bool | None = None,
+) -> Settings:
+    """Settings for a command; mutating commands first create config.env if it is missing.
+
+    backend_only: start's --backend-only/--no-backend-only; None keeps the remembered mode.
+    """
     if is_writing:
         bootstrap.ensure_config(paths)
-    return load_settings(paths, flags={"LLAMA_MODEL": model} if model else {})
+    flags = {"LLAMA_MODEL": model} if model else {}
+    return load_settings(paths, flags=flags, backend_only=backend_only)
 
 
 def load_leniently(paths: Paths) -> Settings:
