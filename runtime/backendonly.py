@@ -42,6 +42,16 @@ def reachable_host(listen_host: str, hostname: str | None = None) -> str:
     return hostname or socket.gethostname()
 
 
+def started_lines(settings: Settings, model: str, count: int) -> list[str]:
+    """What a backend-only start prints: what serves where, then registration_lines."""
+    ports = ", ".join(str(replica.port) for replica in settings.replicas)
+    return [
+        f"backend only: {count} replica(s) of llama_cpp.server serve {model} on "
+        f"{settings.server.host} port {ports} (no database, no gateway on this host)",
+        *registration_lines(settings),
+    ]
+
+
 def registration_lines(settings: Settings, hostname: str | None = None) -> list[str]:
     """The commands to run on the gateway host, one add-backend per replica, and the key's place."""
     host = reachable_host(settings.server.host, hostname)

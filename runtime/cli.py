@@ -66,14 +66,9 @@ def report_started(result: service.StartResult, settings: Settings) -> None:
 
 def report_backend_only(result: service.StartResult, model: str, settings: Settings) -> None:
     """A generating host: where its replicas listen and how a gateway host adds them."""
-    from runtime.backendonly import loopback_warning, registration_lines
+    from runtime.backendonly import loopback_warning, started_lines
 
-    ports = ", ".join(str(replica.port) for replica in settings.replicas)
-    click.echo(
-        f"backend only: {len(result.replicas)} replica(s) of llama_cpp.server serve {model} "
-        f"on {settings.server.host} port {ports} (no database, no gateway on this host)"
-    )
-    for line in registration_lines(settings):
+    for line in started_lines(settings, model, len(result.replicas)):
         click.echo(line)
     warning = loopback_warning(settings)
     if warning:
