@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Manage the gateway's users and API keys: python -m runtime.admin, which finds the
+# Manage the gateway's users, API keys and shared backends: python -m runtime.admin, which finds the
 # database (the private cluster, or the server set in .env) and runs proxy.admin.
 #   bin/user_management_cli.sh create-user --username alice
 #   bin/user_management_cli.sh --help

@@ -1,12 +1,13 @@
 """The user-admin CLI, `python -m proxy.admin`; bin/user_management_cli.sh runs it.
 
 This module holds the click group and init-db; the commands live by concern in
-proxy/adminusers.py, proxy/adminkeys.py, proxy/adminlimits.py and proxy/adminreports.py,
-and what they share in proxy/adminsupport.py. Each command is a small function whose
-docstring is its --help. The SQL lives in proxy.accounts, proxy.tokenaccounts and
-proxy.reports; domain errors become `error: ...` lines and exit codes only at the edge,
-in AdminGroup (see proxy/clierrors.py). Exit codes: 0 ok, 1 failure (database
-unreachable), 2 bad input.
+proxy/adminusers.py, proxy/adminkeys.py, proxy/adminlimits.py, proxy/adminreports.py and
+proxy/adminbackends.py, and what they share in proxy/adminsupport.py. Each command is a
+small function whose docstring is its --help. The SQL lives in proxy.accounts,
+proxy.tokenaccounts, proxy.reports and proxy.backendstore; domain errors become
+`error: ...` lines and exit codes only at the edge, in AdminGroup (see
+proxy/clierrors.py). Exit codes: 0 ok, 1 failure (database or backend unreachable),
+2 bad input.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncpg
 import click
 
+from proxy.adminbackends import BACKEND_COMMANDS
 from proxy.adminkeys import KEY_COMMANDS
 from proxy.adminlimits import LIMIT_COMMANDS
 from proxy.adminreports import REPORT_COMMANDS
@@ -25,7 +27,7 @@ from proxy.migrations import migrate, schema_version
 @click.group(cls=AdminGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def cli(ctx: click.Context) -> None:
-    """Manage llamagate's users and their API keys.
+    """Manage llamagate's users, their API keys, and the backends on other hosts.
 
     The database comes from POSTGRES_AUTH_DSN (or POSTGRES_AUTH_HOST and friends);
     bin/user_management_cli.sh sets it for you. Every command first creates or updates
@@ -59,7 +61,13 @@ def init_db(env: AdminEnv) -> None:
     click.echo(f"schema at version {version}: {done}")
 
 
-for command in (*USER_COMMANDS, *KEY_COMMANDS, *LIMIT_COMMANDS, *REPORT_COMMANDS):
+for command in (
+    *USER_COMMANDS,
+    *KEY_COMMANDS,
+    *LIMIT_COMMANDS,
+    *REPORT_COMMANDS,
+    *BACKEND_COMMANDS,
+):
     cli.add_command(command)
 
 

@@ -23,10 +23,13 @@ import asyncpg
 import click
 
 from proxy import accounts, reports, store
+from proxy.backendcheck import MemberUnreachable
+from proxy.backendstore import BackendError
 from proxy.clierrors import EXIT_BAD_INPUT, CliError, ErrorMappingGroup
-from proxy.config import ProxyConfigError, database_dsn, load_section
+from proxy.config import ProxyConfigError, database_dsn, load_pool_view, load_section
 from proxy.configschema import DatabaseKeys, GatewayKeys, values_of
 from proxy.migrations import migrate
+from proxy.sealing import SealingError
 
 DURATION_PATTERN = re.compile(r"(\d{1,9})\s*([smhdw])")
 MAX_DURATION = timedelta(days=36_525)
@@ -51,6 +54,11 @@ class AdminEnv:
     dsn: str
     gateway_url: str
     is_dsn_invalid: bool = False
+    # For add-backend and list-backends: the secret that seals members' keys, the pool's
+    # model name (as the gateway gets it) and this host's replicas; "" and () if unknown.
+    backend_secret: str = ""
+    model_name: str = ""
+    local_backends: tuple[str, ...] = ()
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> AdminEnv:
@@ -60,14 +68,26 @@ def read_environment(environ: Mapping[str, str] | None = None) -> AdminEnv:
     a command that needs the database reports it.
     """
     try:
-        port = load_section(GatewayKeys, environ).port
+        gateway = load_section(GatewayKeys, environ)
     except ProxyConfigError:
-        port = GatewayKeys.port
+        gateway = GatewayKeys()
+    pool = pool_settings(gateway, environ)
+    gateway_url = f"http://localhost:{gateway.port}"
     try:
         dsn = database_dsn(values_of(load_section(DatabaseKeys, environ)))
     except ProxyConfigError:
-        return AdminEnv(dsn="", gateway_url=f"http://localhost:{port}", is_dsn_invalid=True)
-    return AdminEnv(dsn=dsn, gateway_url=f"http://localhost:{port}")
+        return AdminEnv(dsn="", gateway_url=gateway_url, is_dsn_invalid=True, **pool)
+    return AdminEnv(dsn=dsn, gateway_url=gateway_url, **pool)
+
+
+def pool_settings(gateway: GatewayKeys, environ: Mapping[str, str] | None) -> dict[str, Any]:
+    """AdminEnv's backend fields, from the keys the console gives the gateway too."""
+    model_name, local_backends = load_pool_view(environ)
+    return {
+        "backend_secret": gateway.backend_secret,
+        "model_name": model_name,
+        "local_backends": local_backends,
+    }
 
 
 def pass_env(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -126,10 +146,18 @@ async def run_on_connection(
 class AdminGroup(ErrorMappingGroup):
     """Turns domain errors into `error: ...` and an exit code, at the edge."""
 
-    domain_errors = (accounts.AccountError, store.StoreError, asyncpg.PostgresError)
+    domain_errors = (
+        accounts.AccountError,
+        BackendError,
+        SealingError,
+        store.StoreError,
+        asyncpg.PostgresError,
+    )
 
     def cli_error(self, error: Exception) -> CliError:
-        if isinstance(error, accounts.AccountError):
+        if isinstance(error, MemberUnreachable):
+            return CliError(str(error))
+        if isinstance(error, accounts.AccountError | BackendError | SealingError):
             return CliError(str(error), EXIT_BAD_INPUT)
         if isinstance(error, asyncpg.PostgresError):
             return CliError(f"the database refused: {error}")

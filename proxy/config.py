@@ -141,3 +141,15 @@ def load_config(environ: Mapping[str, str] | None = None) -> ProxyConfig:
             "./console.sh start sets it for the private cluster"
         )
     return load_section(ProxyConfig, environ, dsn=dsn)
+
+
+def load_pool_view(environ: Mapping[str, str] | None = None) -> tuple[str, tuple[str, ...]]:
+    """The pool's model name and this host's replica URLs, as the console hands them to the
+    gateway; for the admin CLI, which shows and checks against them. '' and () where unset
+    (or invalid: the gateway reports that, not the admin CLI)."""
+    environ = os.environ if environ is None else environ
+    try:
+        urls = parse_backend_urls(environ[BACKEND_URL_KEY]) if environ.get(BACKEND_URL_KEY) else ()
+    except ValueError:
+        urls = ()
+    return environ.get(MODEL_NAME_KEY, "").strip(), urls

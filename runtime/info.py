@@ -102,6 +102,8 @@ def _versions_section() -> str:
 def _replicas_line(settings: Settings) -> str:
     """How many llama_cpp.server processes, where, with how many threads and which GPUs."""
     replicas = settings.replicas
+    if not replicas:
+        return "backend replicas: 0 (gateway only: the backends are those added with add-backend)"
     ports = ", ".join(str(replica.port) for replica in replicas)
     line = (
         f"backend replicas: {len(replicas)} (port {ports}), "
@@ -113,8 +115,13 @@ def _replicas_line(settings: Settings) -> str:
 
 
 def _parts_section(settings: Settings) -> str:
-    lines = [f"mode: {'gateway' if settings.is_gateway_mode else 'single-key'}"]
+    lines = [f"mode: {settings.mode_name}"]
     lines.append(_replicas_line(settings))
+    if settings.is_backend_only:
+        lines.append(
+            f"replicas listen on {settings.backend_host} (LLAMA_SERVER_HOST), for the "
+            f"gateways of other hosts; no database, no gateway here"
+        )
     for name, status in component_statuses(settings).items():
         lines += [f"{name}:", f"  url          {status.url}", f"  state        {status.state}"]
         if status.detail:

@@ -84,10 +84,13 @@ def default_threads(replicas: int, cpu_count: int | None = None) -> int:
     return max(1, cores // replicas)
 
 
-def replica_problem(values: Mapping[str, Any], where: Callable[[str], str]) -> str | None:
+def replica_problem(
+    values: Mapping[str, Any], where: Callable[[str], str], is_backend_only: bool = False
+) -> str | None:
     """What is wrong with the replica settings taken together, as an error message; or None.
 
     where(key) says where a key's value came from: "in FILE", "from the environment".
+    is_backend_only: `start --backend-only`, which runs the replicas without a gateway.
     """
     count = values["LLAMA_SERVER_REPLICAS"]
 
@@ -95,6 +98,8 @@ def replica_problem(values: Mapping[str, Any], where: Callable[[str], str]) -> s
         return f"{key}={shown} ({where(key)})"
 
     replicas = named("LLAMA_SERVER_REPLICAS", str(count))
+    if count == 0:
+        return _no_replica_problem(values, replicas, named, is_backend_only)
     gpus = values["LLAMA_REPLICA_GPUS"]
     if gpus and len(gpus) != count:
         return (
@@ -104,18 +109,44 @@ def replica_problem(values: Mapping[str, Any], where: Callable[[str], str]) -> s
         )
     if count == 1:
         return None
-    if not values["LLAMA_PROXY_ENABLED"]:
+    if not values["LLAMA_PROXY_ENABLED"] and not is_backend_only:
         return (
             f"{replicas} needs the gateway to spread requests over the replicas, but "
             f"{named('LLAMA_PROXY_ENABLED', '0')} is single-key mode, where clients call "
             f"one backend directly; set LLAMA_SERVER_REPLICAS=1, or LLAMA_PROXY_ENABLED=1"
         )
     first = values["LLAMA_SERVER_PORT"]
-    last = replica_ports(first, count, values["LLAMA_PROXY_PORT"])[-1]
+    # Without a gateway on this host its port is not skipped (Settings.replica).
+    skipped = None if is_backend_only else values["LLAMA_PROXY_PORT"]
+    last = replica_ports(first, count, skipped)[-1]
     if last > HIGHEST_PORT:
         return (
             f"{replicas} needs ports {first} to {last} from "
             f"{named('LLAMA_SERVER_PORT', str(first))}, beyond the highest port "
             f"{HIGHEST_PORT}; lower LLAMA_SERVER_PORT or LLAMA_SERVER_REPLICAS"
+        )
+    return None
+
+
+def _no_replica_problem(
+    values: Mapping[str, Any],
+    replicas: str,
+    named: Callable[[str, str], str],
+    is_backend_only: bool,
+) -> str | None:
+    """LLAMA_SERVER_REPLICAS=0 makes a gateway-only host; with anything else it serves nothing."""
+    if is_backend_only:
+        return (
+            f"--backend-only starts only this host's replicas of llama_cpp.server, but "
+            f"{replicas} asks for none; set LLAMA_SERVER_REPLICAS to 1 or more on a host "
+            f"that generates, or start without --backend-only (./console.sh start "
+            f"--no-backend-only) for a gateway-only host"
+        )
+    if not values["LLAMA_PROXY_ENABLED"]:
+        return (
+            f"{replicas} runs no llama_cpp.server here, but "
+            f"{named('LLAMA_PROXY_ENABLED', '0')} is single-key mode, where clients call "
+            f"this host's backend directly; set LLAMA_SERVER_REPLICAS=1, or "
+            f"LLAMA_PROXY_ENABLED=1 for a gateway-only host"
         )
     return None

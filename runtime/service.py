@@ -3,7 +3,9 @@
 In gateway mode the service is three parts, started in this order and stopped in the
 reverse one: the database (the private cluster, unless the operator has their own), the
 backend (LLAMA_SERVER_REPLICAS processes of llama_cpp.server, runtime/replicas.py), and
-the gateway. In single-key mode it is the backend alone. `Stack.start` is the one start
+the gateway. With LLAMA_SERVER_REPLICAS=0 (a gateway-only host) there is no backend. In
+single-key mode, and on a host started with --backend-only (runtime/runmode.py), it is
+the backend alone. `Stack.start` is the one start
 path: start, restart, ensure and the foreground supervisor all use it.
 
 Callers hold the console lock. Errors are domain errors; cli.py turns them into messages
@@ -13,6 +15,7 @@ and exit codes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +25,10 @@ from runtime.gateway import GatewaySupervisor
 from runtime.modelfiles import find_readable_model
 from runtime.procs import is_alive, read_pidfile
 from runtime.replicas import indexes_on_disk
+from runtime.runmode import is_remembered_backend_only, remember_mode
 from runtime.settings import ConfigError, Settings
 from runtime.states import ComponentStatus, State
-from runtime.supervisor import BackendSupervisor
+from runtime.supervisor import BackendSupervisor, StartError
 
 FOREGROUND_PIDFILE = "supervisor.pid"
 Echo = Callable[[str], None]
@@ -32,14 +36,19 @@ Echo = Callable[[str], None]
 
 @dataclass(frozen=True)
 class StartResult:
-    status: ComponentStatus  # the backend (replica 0)
+    status: ComponentStatus | None  # the backend (replica 0); None on a gateway-only host
     was_running: bool
     gateway: ComponentStatus | None = None
     replicas: tuple[ComponentStatus, ...] = ()  # every replica, replica 0 first
 
 
-def check_ready_to_start(settings: Settings) -> Path:
-    """Everything that can be checked before a process is spawned; the model, if readable."""
+def check_ready_to_start(settings: Settings) -> Path | None:
+    """Everything that can be checked before a process is spawned; the model, if readable.
+
+    A gateway-only host (LLAMA_SERVER_REPLICAS=0) loads no model and keys no backend.
+    """
+    if not settings.has_replicas:
+        return None
     if not settings.server.api_key:
         raise ConfigError(
             f"LLAMA_API_KEY is empty (from {settings.source_of('LLAMA_API_KEY')}); set a "
@@ -63,9 +72,9 @@ class Stack:
         self.gateway = GatewaySupervisor(settings, echo=echo) if is_gateway_mode else None
 
     @property
-    def backend(self) -> BackendSupervisor:
-        """Replica 0, the one backend unless LLAMA_SERVER_REPLICAS says more."""
-        return self.backends[0]
+    def backend(self) -> BackendSupervisor | None:
+        """Replica 0, the one backend unless LLAMA_SERVER_REPLICAS says more (or 0: None)."""
+        return self.backends[0] if self.backends else None
 
     def surplus_backends(self) -> list[BackendSupervisor]:
         """Replicas that have a pid file but are beyond LLAMA_SERVER_REPLICAS (it shrank)."""
@@ -97,7 +106,7 @@ class Stack:
             self.echo(f"starting the gateway on {self.gateway.url}")
             self.gateway.start(is_cancelled)
         return StartResult(
-            self.backend.status(),
+            self.backend.status() if self.backend else None,
             was_database_up and was_backend_up and was_gateway_up,
             self.gateway.status() if self.gateway else None,
             tuple(backend.status() for backend in self.backends),
@@ -202,6 +211,26 @@ class Stack:
 def start(settings: Settings, echo: Echo) -> StartResult:
     """Start whatever is not serving yet; return once everything answers."""
     return Stack(settings, echo).start()
+
+
+def adopt_mode(settings: Settings) -> None:
+    """Remember settings' mode (backend only or not) for later commands; callers hold the lock.
+
+    A change of mode while a part of the other one runs is refused (StartError): a
+    gateway and a database would be stranded, or replicas left listening where the
+    other mode does not expect them.
+    """
+    run_dir = settings.paths.run_dir
+    remembered = is_remembered_backend_only(run_dir)
+    if remembered != settings.is_backend_only:
+        running = dataclasses.replace(settings, is_backend_only=remembered)
+        if overall_state(running, component_statuses(running)) != State.STOPPED:
+            flag = "--backend-only" if settings.is_backend_only else "--no-backend-only"
+            raise StartError(
+                f"parts of this host's {running.mode_name} mode still run (see ./console.sh "
+                f"status); run ./console.sh stop first, then ./console.sh start {flag}"
+            )
+    remember_mode(run_dir, settings.is_backend_only)
 
 
 @contextlib.contextmanager

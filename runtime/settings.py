@@ -31,6 +31,7 @@ from proxy.configschema import (
     values_of,
 )
 from runtime.replicas import Replica, default_threads, replica_ports, replica_problem
+from runtime.runmode import is_remembered_backend_only
 
 CODE_DIR = Path(__file__).resolve().parent.parent
 
@@ -105,6 +106,8 @@ class Settings:
     # Each value's text as found, so that the gateway process gets what the operator
     # wrote rather than a re-rendering of what the console parsed.
     texts: Mapping[str, str] = field(repr=False)
+    # `start --backend-only` (runtime/runmode.py): the replicas alone, no database, no gateway.
+    is_backend_only: bool = False
 
     @property
     def values(self) -> dict[str, Any]:
@@ -120,11 +123,30 @@ class Settings:
 
     @property
     def is_gateway_mode(self) -> bool:
-        return self.gateway.enabled
+        """Whether this host runs the gateway (and its database) in front of its replicas."""
+        return self.gateway.enabled and not self.is_backend_only
+
+    @property
+    def has_replicas(self) -> bool:
+        """False on a gateway-only host (LLAMA_SERVER_REPLICAS=0): no llama_cpp.server here."""
+        return self.server.replicas > 0
+
+    @property
+    def mode_name(self) -> str:
+        """The mode as status and info name it."""
+        if self.is_backend_only:
+            return "backend only"
+        if not self.is_gateway_mode:
+            return "single-key"
+        return "gateway" if self.has_replicas else "gateway only (LLAMA_SERVER_REPLICAS=0)"
 
     @property
     def backend_host(self) -> str:
-        """Where the backend listens: loopback only when the gateway stands in front."""
+        """Where the backend listens: loopback only when this host's gateway stands in front.
+
+        In single-key mode and backend-only mode, LLAMA_SERVER_HOST: clients, or the
+        gateways of other hosts, call the replicas themselves.
+        """
         return "127.0.0.1" if self.is_gateway_mode else self.server.host
 
     @property
@@ -138,12 +160,12 @@ class Settings:
 
     @property
     def backend_url(self) -> str:
-        """Replica 0's URL: the backend's, when there is one."""
-        return self.replicas[0].url
+        """Replica 0's URL: the backend's, when there is one; '' on a gateway-only host."""
+        return self.replicas[0].url if self.has_replicas else ""
 
     @property
     def backend_urls(self) -> str:
-        """Every replica's URL, comma-separated, for the gateway; one URL with one replica."""
+        """Every replica's URL, comma-separated, for the gateway; '' with none (gateway only)."""
         return ",".join(replica.url for replica in self.replicas)
 
     @property
@@ -187,15 +209,19 @@ def load_settings(
     environ: Mapping[str, str] | None = None,
     is_strict: bool = True,
     cpu_count: int | None = None,
+    backend_only: bool | None = None,
 ) -> Settings:
     """Merge every source by precedence and validate each value; raise ConfigError.
 
     With is_strict=False, invalid values fall back to their defaults, so that read-only
     commands (status) can still report the truth about a broken configuration.
-    cpu_count stands in for the cores this process may use (tests).
+    cpu_count stands in for the cores this process may use (tests). backend_only is
+    `start --backend-only`'s choice; None takes the one remembered in run/mode.
     """
     environ = os.environ if environ is None else environ
     paths = paths or paths_from_env(environ)
+    if backend_only is None:
+        backend_only = is_remembered_backend_only(paths.run_dir)
     layers = _read_layers(paths, flags or {}, environ, is_strict)
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -214,9 +240,9 @@ def load_settings(
             raw, source = key.default, "default"
             values[key.name] = _parse(key, raw, source)
         sources[key.name], texts[key.name] = source, raw
-    _check_replicas(values, sources, texts, is_strict)
+    _check_replicas(values, sources, texts, is_strict, backend_only)
     if values["LLAMA_N_THREADS"] is None:
-        replicas = values["LLAMA_SERVER_REPLICAS"]
+        replicas = max(1, values["LLAMA_SERVER_REPLICAS"])
         values["LLAMA_N_THREADS"] = default_threads(replicas, cpu_count)
         # Say where the empty value came from (config.env writes every key), and what it meant.
         given = sources["LLAMA_N_THREADS"]
@@ -230,14 +256,20 @@ def load_settings(
         "gateway": build(GatewayKeys, values),
         "database": build(DatabaseKeys, values),
     }
-    return Settings(paths=paths, **sections, sources=sources, texts=texts)
+    return Settings(
+        paths=paths, **sections, sources=sources, texts=texts, is_backend_only=backend_only
+    )
 
 
 def _check_replicas(
-    values: dict[str, Any], sources: dict[str, str], texts: dict[str, str], is_strict: bool
+    values: dict[str, Any],
+    sources: dict[str, str],
+    texts: dict[str, str],
+    is_strict: bool,
+    is_backend_only: bool,
 ) -> None:
     """The rules across the replica keys; leniently, a single replica on the first port."""
-    problem = replica_problem(values, lambda name: _where(sources[name]))
+    problem = replica_problem(values, lambda name: _where(sources[name]), is_backend_only)
     if problem is None:
         return
     if is_strict:

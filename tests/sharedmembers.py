@@ -32,7 +32,7 @@ async def add_member(
             name,
             url,
             concurrency,
-            seal(secret, name, key),
+            seal(secret, name, url, key),
             state,
         )
         await conn.execute(

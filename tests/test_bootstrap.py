@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 
-from runtime.bootstrap import ensure_config, render_config
+from runtime.bootstrap import (
+    CONFIG_LOCK_NAME,
+    ensure_backend_secret,
+    ensure_config,
+    render_config,
+)
+from runtime.cli_support import load
 from runtime.configfile import set_config_value
 from runtime.settings import KEYS, Paths, load_settings
 
@@ -128,3 +138,96 @@ def test_set_config_value_quotes_a_value_so_that_it_reads_back_unchanged(config_
     settings = load_settings(Paths(root=config_env.parent.parent), {}, {})
     assert settings["LLAMA_MODEL_ALIAS"] == value
     assert mode_of(config_env) == 0o600
+
+
+SECRET_KEY = "LLAMA_PROXY_BACKEND_SECRET"
+
+
+def secret_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if line.startswith(f"{SECRET_KEY}=")]
+
+
+def test_a_new_config_env_has_a_generated_backend_secret_of_its_own(tmp_path):
+    first, second = Paths(root=tmp_path / "a"), Paths(root=tmp_path / "b")
+    ensure_config(first)
+    ensure_config(second)
+    first_secret = load_settings(first, {}, {})[SECRET_KEY]
+    assert len(first_secret) >= 32
+    assert first_secret != load_settings(second, {}, {})[SECRET_KEY]
+    assert first_secret != load_settings(first, {}, {})["LLAMA_API_KEY"]
+    assert ensure_backend_secret(first, {}) is False
+
+
+@pytest.mark.parametrize("old_line", ["", f"{SECRET_KEY}=\n"], ids=["missing", "empty"])
+def test_an_old_config_env_gets_a_backend_secret_once_and_keeps_the_rest(paths, old_line):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text(f"# mine\nLLAMA_SERVER_PORT=9001\n{old_line}")
+    paths.config_env.chmod(0o600)
+
+    assert ensure_backend_secret(paths, {}) is True
+    written = paths.config_env.read_text()
+    assert ensure_backend_secret(paths, {}) is False
+
+    assert paths.config_env.read_text() == written
+    assert written.startswith("# mine\nLLAMA_SERVER_PORT=9001\n")
+    [line] = secret_lines(paths.config_env)
+    assert len(load_settings(paths, {}, {})[SECRET_KEY]) >= 32
+    assert mode_of(paths.config_env) == 0o600
+
+
+def test_a_backend_secret_set_elsewhere_even_empty_is_left_alone(paths):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text("LLAMA_SERVER_PORT=9001\n")
+    assert ensure_backend_secret(paths, {SECRET_KEY: "from-the-environment"}) is False
+    assert ensure_backend_secret(paths, {SECRET_KEY: ""}) is False
+    assert paths.config_env.read_text() == "LLAMA_SERVER_PORT=9001\n"
+    assert ensure_backend_secret(Paths(root=paths.root / "none"), {}) is False
+
+
+def test_a_mutating_console_command_says_once_that_it_wrote_the_secret(paths, monkeypatch, capsys):
+    monkeypatch.delenv(SECRET_KEY, raising=False)
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text("LLAMA_SERVER_PORT=9001\n")
+
+    load(paths, is_writing=True)
+    first = capsys.readouterr().err
+    settings = load(paths, is_writing=True)
+
+    assert f"note: wrote a new {SECRET_KEY} into {paths.config_env}" in first
+    assert "every gateway and admin host on one database needs the same value" in first
+    assert capsys.readouterr().err == ""
+    assert settings.gateway.backend_secret == load_settings(paths, {}, {})[SECRET_KEY]
+
+
+def is_a_flock_waited_for() -> bool:
+    """Whether this process (a thread of it) is blocked on a flock: /proc/locks lists a
+    waiter with "->" before its lock type, and its pid."""
+    lines = Path("/proc/locks").read_text().splitlines()
+    return any("-> FLOCK" in line and f" {os.getpid()} " in line for line in lines)
+
+
+def test_two_consoles_at_once_write_one_backend_secret(paths):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text("LLAMA_SERVER_PORT=9001\n")
+    paths.run_dir.mkdir(parents=True)
+    results: list[bool] = []
+    lock_fd = os.open(paths.run_dir / CONFIG_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)  # the first console, busy writing its secret
+        second = threading.Thread(target=lambda: results.append(ensure_backend_secret(paths, {})))
+        second.start()
+        wait_for(is_a_flock_waited_for, timeout=5, what="the second console to wait for the lock")
+        set_config_value(paths.config_env, SECRET_KEY, "the-first-consoles-secret")
+    finally:
+        os.close(lock_fd)
+    second.join(10)
+
+    assert results == [False]
+    assert load_settings(paths, {}, {})[SECRET_KEY] == "the-first-consoles-secret"
+
+
+def test_a_config_env_with_a_bad_value_gets_no_backend_secret(paths):
+    paths.runtime_dir.mkdir(parents=True)
+    paths.config_env.write_text("LLAMA_N_CTX=lots\n")
+    assert ensure_backend_secret(paths, {}) is False
+    assert paths.config_env.read_text() == "LLAMA_N_CTX=lots\n"
