@@ -1,11 +1,12 @@
 """What scenario 9 needs around the private stack: shared members in its database,
 gateways with no local replica, and the canned members' own overlap counts.
 
-Members are registered the way the admin's add-backend leaves them (a llama_backends row
-with its key sealed under the stack's LLAMA_PROXY_BACKEND_SECRET, one llama_backend_slots
-row per slot), straight in SQL so that the bench does not ask the canned upstream for a
-model check it cannot fail. Every gateway on the stack's database sees them within a
-notification, so the scenario removes them again before any other scenario runs.
+Members are registered with the admin's own SQL (proxy/backendstore.py: a llama_backends
+row with its key sealed under the stack's LLAMA_PROXY_BACKEND_SECRET, one
+llama_backend_slots row per slot), but not through add-backend's command, whose model
+check would only ask the canned upstream a question it cannot fail. Every gateway on the
+stack's database sees them within a notification, so the scenario removes them again
+before any other scenario runs.
 """
 
 from __future__ import annotations
@@ -21,12 +22,12 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from proxy.config import BACKEND_URL_KEY
+from proxy import backendstore
+from proxy.backendstore import NewBackend
 from proxy.sealing import seal
 from runtime.bench.errors import BenchError
 from runtime.bench.sharedfigures import Overlaps
 from runtime.bench.stack import Stack, free_port, start_side_gateway
-from runtime.gateway import GatewaySupervisor
 
 # What the canned upstream lists in /v1/models (runtime/bench/upstream.py), so that a
 # gateway that checks a member's model finds its own.
@@ -41,44 +42,28 @@ class SharedMember:
     concurrency: int = 1
 
 
-class NoReplicaGateway(GatewaySupervisor):
-    """A gateway started as the console starts one, but with no local replica: an empty
-    LLAMA_PROXY_BACKEND_URL, so it serves through shared members alone."""
-
-    def environment(self) -> dict[str, str]:
-        return {**super().environment(), BACKEND_URL_KEY: ""}
-
-    def details(self) -> dict[str, str]:
-        return {"backends": ""}
-
-
 def register_members(stack: Stack, members: list[SharedMember]) -> None:
-    """Add the members and their slot rows, their keys sealed as add-backend seals them."""
+    """Add the members and their slot rows with the admin's SQL (proxy/backendstore.py),
+    their keys sealed as add-backend seals them."""
     secret = stack.env["LLAMA_PROXY_BACKEND_SECRET"]
 
     async def insert(conn: asyncpg.Connection) -> None:
-        async with conn.transaction():
-            for member in members:
-                sealed = seal(secret, member.name, secrets.token_urlsafe(32))
-                member_id = await conn.fetchval(
-                    "INSERT INTO llama_backends (name, url, concurrency, sealed_key, model) "
-                    "VALUES ($1, $2, $3, $4, $5) RETURNING id",
-                    member.name, member.url, member.concurrency, sealed, CANNED_MODEL,
-                )  # fmt: skip
-                await conn.executemany(
-                    "INSERT INTO llama_backend_slots (backend_id, slot) VALUES ($1, $2)",
-                    [(member_id, slot) for slot in range(member.concurrency)],
-                )
+        for member in members:
+            sealed = seal(secret, member.name, member.url, secrets.token_urlsafe(32))
+            new = NewBackend(member.name, member.url, member.concurrency, sealed, CANNED_MODEL)
+            await backendstore.add_backend(conn, new)
 
     asyncio.run(_with_connection(stack, insert))
 
 
 def remove_members(stack: Stack, names: list[str]) -> None:
-    """Delete the members (their slot rows go with them); a cleanup step, so it never raises
-    over the error that may be unwinding."""
+    """Remove the members that exist (their slot rows go with them); a cleanup step, so it
+    never raises over the error that may be unwinding."""
 
     async def delete(conn: asyncpg.Connection) -> None:
-        await conn.execute("DELETE FROM llama_backends WHERE name = ANY($1::text[])", names)
+        for name in names:
+            with contextlib.suppress(backendstore.UnknownBackend):
+                await backendstore.remove_backend(conn, name)
 
     with contextlib.suppress(OSError, asyncpg.PostgresError):
         asyncio.run(_with_connection(stack, delete))
@@ -95,10 +80,9 @@ async def _with_connection(stack: Stack, work) -> None:
 def start_member_gateway(stack: Stack, name: str, exits: contextlib.ExitStack, members: int) -> str:
     """A gateway with no local replica on the stack's database; its URL, once its /readyz
     counts `members` shared members."""
-    # The replica port is a placeholder that the console's settings check wants; the
-    # gateway is told of no replica at all.
-    settings = gateway_settings()
-    url, _ = start_side_gateway(stack, name, free_port(), settings, exits, kind=NoReplicaGateway)
+    # A gateway-only host's settings: the console hands its gateway no replica URL.
+    overrides = {**gateway_settings(), "LLAMA_SERVER_REPLICAS": "0"}
+    url, _ = start_side_gateway(stack, name, free_port(), overrides, exits)
     wait_for_members(url, members)
     return url
 

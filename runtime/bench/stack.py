@@ -233,14 +233,12 @@ def start_side_gateway(
     overrides: dict[str, str],
     exits: contextlib.ExitStack,
     port: int | None = None,
-    kind: type[GatewaySupervisor] = GatewaySupervisor,
 ) -> tuple[str, int]:
     """A real gateway (`python -m proxy`), configured as the console does it, in front of
     canned upstreams from `upstream_port` on; its URL and pid.
 
     It has a state root of its own (stack.root / name: pid file, log, spool) and shares the
-    stack's database, so the bench users' keys work on every gateway. `kind` may change
-    what the console would hand it (runtime/bench/sharedstack.py: no local replica).
+    stack's database, so the bench users' keys work on every gateway.
     """
     root = stack.root / name
     port = port or free_port()
@@ -254,7 +252,7 @@ def start_side_gateway(
         **overrides,
     }
     settings = load_settings(Paths(root), environ=environ)
-    gateway = kind(settings, dsn=stack.dsn(), environ=environ, echo=lambda _: None)
+    gateway = GatewaySupervisor(settings, dsn=stack.dsn(), environ=environ, echo=lambda _: None)
     exits.callback(gateway.stop)
     try:
         gateway.start()
