@@ -398,7 +398,7 @@ def bench(json_path: str | None, only: str | None, **sizes: float) -> None:
 
     Runs a private stack (temp LLAMAGATE_ROOT, free ports, the fallback model), never
     the configured service, and stops all of it at the end, on Ctrl-C too. Needs wrk
-    (apt-get install wrk). About 9 minutes on 2 cores, 4 of them capacity. Exit 0 when
+    (apt-get install wrk). About 10 minutes on 2 cores, 4 of them capacity. Exit 0 when
     it ran, even if a target is MISSED; 1 when it could not run.
 
     \b

@@ -58,7 +58,7 @@ SCENARIOS = (
 
 @dataclass(frozen=True)
 class BenchOptions:
-    """The size of a run; the defaults take about 9 minutes on 2 cores (capacity: 4)."""
+    """The size of a run; the defaults take about 10 minutes on 2 cores (capacity: 4)."""
 
     seconds: float = 10.0  # each wrk run in scenario 1, each run of scenario 9
     stream_prompts: int = 4  # scenario 2: prompts per pass (4 passes, paths alternating)
