@@ -22,7 +22,7 @@ import openai
 import pytest
 
 from runtime import proctable
-from runtime.bench.stack import free_port
+from runtime.bench.stack import free_port, is_port_free
 from runtime.bootstrap import ensure_fallback_model
 from runtime.procs import read_pidfile
 from runtime.settings import CODE_DIR, FALLBACK_MODEL_NAME, KEY_NAMES
@@ -41,6 +41,14 @@ def wait_for(condition: Callable[[], object], timeout: float = 30.0, what: str =
             return result
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def two_free_ports() -> int:
+    """A free port whose next one is free too (replica 1's)."""
+    return wait_for(
+        lambda: next((p for p in [free_port()] if p < 65535 and is_port_free(p + 1)), None),
+        what="two consecutive free ports",
+    )
 
 
 def answers_200(url: str) -> bool:

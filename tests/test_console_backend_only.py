@@ -25,22 +25,14 @@ from conftest import (
     free_port,
     link_or_copy,
     processes_matching,
+    two_free_ports,
     wait_for,
 )
 
-from runtime.bench.stack import is_port_free
 from runtime.procs import read_pidfile
 from runtime.settings import FALLBACK_MODEL_NAME
 
 NAMES = ("backend", "backend-1")
-
-
-def two_free_ports() -> int:
-    """A free port whose next one is free too (replica 1's)."""
-    return wait_for(
-        lambda: next((p for p in [free_port()] if p < 65535 and is_port_free(p + 1)), None),
-        what="two consecutive free ports",
-    )
 
 
 class BackendHost(ConsoleHome):

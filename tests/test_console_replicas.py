@@ -25,26 +25,18 @@ from conftest import (
     free_port,
     link_or_copy,
     processes_matching,
+    two_free_ports,
     wait_for,
 )
 from gatewayload import ShortRequestLoad, long_completion, read_stream
 from pgfixture import fresh_database
 
 from runtime.backend import is_answering
-from runtime.bench.stack import is_port_free
 from runtime.procs import read_pidfile
 from runtime.replicas import default_threads
 from runtime.settings import FALLBACK_MODEL_NAME
 
 NAMES = ("backend", "backend-1")
-
-
-def two_free_ports() -> int:
-    """A port that is free, and so is the next one (replica 1's)."""
-    return wait_for(
-        lambda: next((p for p in [free_port()] if p < 65535 and is_port_free(p + 1)), None),
-        what="two consecutive free ports",
-    )
 
 
 class PoolHome(GatewayHome):

@@ -23,22 +23,14 @@ from conftest import (
     free_port,
     link_or_copy,
     processes_matching,
-    wait_for,
+    two_free_ports,
 )
 from pgfixture import fresh_database
 
-from runtime.bench.stack import is_port_free
 from runtime.settings import FALLBACK_MODEL_NAME
 
 ADD_BACKEND_LINE = re.compile(r"add-backend (http://\S+) --name (\S+) --concurrency 1")
 HOST_B_KEY = "host-b-key-" + "b" * 32
-
-
-def two_free_ports() -> int:
-    return wait_for(
-        lambda: next((p for p in [free_port()] if p < 65535 and is_port_free(p + 1)), None),
-        what="two consecutive free ports",
-    )
 
 
 def make_host(root: Path, fallback_model: Path, port: int, **env: str) -> GatewayHome:
