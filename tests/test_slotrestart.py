@@ -35,7 +35,15 @@ async def restart(cluster, pool) -> None:
     """Stop and start PostgreSQL; return once it answers the pool again."""
     await asyncio.to_thread(cluster.stop)
     await asyncio.to_thread(cluster.start)
+    await pool.pool.expire_connections()  # the sessions the stop ended: new ones, on next use
     await wait_until(lambda: _answers(pool), "the database answering again")
+
+
+async def beat(gateway: SharedSlots) -> None:
+    """One heartbeat, which must go through."""
+    before = gateway._last_beat
+    await gateway.beat()
+    assert gateway._last_beat > before, "the heartbeat did not go through"
 
 
 async def _answers(pool) -> bool:
@@ -50,18 +58,18 @@ async def test_after_a_restart_a_lost_take_is_not_taken_by_another_and_its_holde
 ):
     member = await add_member(lease_pool, "http://m:1", "m")
     holder, other = SharedSlots(lease_pool, "holder"), SharedSlots(lease_pool, "other")
-    await holder.beat()
-    await other.beat()
+    await beat(holder)
+    await beat(other)
     assert await holder.take([member], is_waiter=False) == (member, 0)
     await restart(own_cluster, lease_pool)
     # What a crash may leave: the take's commit lost, the slot shows free.
     await lease_pool.execute("UPDATE llama_backend_slots SET gateway_id = NULL, leased_at = NULL")
-    await other.beat()
+    await beat(other)
     assert await other.take([member], is_waiter=False) is None  # the grace
-    await holder.beat()  # sees the new start time: reconciles
+    await beat(holder)  # sees the new start time: reconciles
     assert await holders(lease_pool, member) == ["holder"]
     assert not holder._must_reconcile
-    await other.beat()
+    await beat(other)
     assert await other.take([member], is_waiter=False) is None  # held, live
     # The grace lasts the lease: with one of 10 ms, long over, the slot given back is free.
     holder.give_back(member, 0, 1, 0)
@@ -78,7 +86,7 @@ async def test_after_a_restart_a_slot_in_the_gateways_name_it_does_not_hold_is_f
 ):
     member = await add_member(lease_pool, "http://m:1", "m", concurrency=2)
     gateway = SharedSlots(lease_pool, "gw")
-    await gateway.beat()
+    await beat(gateway)
     assert await gateway.take([member], is_waiter=False) == (member, 0)
     assert await gateway.take([member], is_waiter=False) == (member, 1)
     gateway.give_back(member, 1, 1, 0)
@@ -86,7 +94,7 @@ async def test_after_a_restart_a_slot_in_the_gateways_name_it_does_not_hold_is_f
     await restart(own_cluster, lease_pool)
     # What a crash may leave: the give-back's commit lost, slot 1 still in the gateway's name.
     await lease_pool.execute("UPDATE llama_backend_slots SET gateway_id = 'gw'")
-    await gateway.beat()
+    await beat(gateway)
     assert await holders(lease_pool, member) == ["gw", None]
 
 
