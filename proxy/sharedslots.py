@@ -159,14 +159,16 @@ class SharedSlots:
         self._is_reconciling = True  # no take meanwhile: its slot would not be in `held`
         try:
             await self._no_take_in_flight.wait()
-            done = await slotstore.reconcile(
-                self.pool, self.gateway_id, sorted(self.held), self.lease_seconds
-            )
+            held = sorted(self.held)
+            done = await slotstore.reconcile(self.pool, self.gateway_id, held, self.lease_seconds)
         except store.UNAVAILABLE_ERRORS:
             return  # the next heartbeat tries again
         finally:
             self._is_reconciling = False
         self._must_reconcile = False
+        for backend_id, slot in set(held) - self.held:
+            # Given back while the reconcile ran, which may have written it back after.
+            self.give_back(backend_id, slot, 0, 0)
         log.warning(
             "the database restarted: gateway %s reconciled its shared slots "
             "(%d held, %d written back, %d not held freed)",

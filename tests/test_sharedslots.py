@@ -256,3 +256,41 @@ async def test_only_the_first_heartbeat_waits_for_the_disk(db):
     assert recording.statements == ["SET LOCAL synchronous_commit = on"]
     await gateway.beat()
     assert recording.statements == ["SET LOCAL synchronous_commit = on"]
+
+
+class GiveBackFirst:
+    """The real pool; the first connection the reconcile asks for is lent only after
+    `gateway` has given back `slot` and its give-back has committed."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.gateway: SharedSlots | None = None
+        self.slot: tuple[int, int] | None = None
+
+    @contextlib.asynccontextmanager
+    async def acquire(self):
+        if self.gateway is not None and self.gateway._is_reconciling and self.slot:
+            slot, self.slot = self.slot, None
+            self.gateway.give_back(*slot, 1, 0)
+            await _settled(self.gateway)
+        async with self.pool.acquire() as conn:
+            yield conn
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+async def test_a_slot_given_back_while_the_reconcile_runs_is_not_left_held(db):
+    # The reconcile saw the slot held, the give-back committed before it: it wrote the
+    # slot back in the gateway's name, which no longer uses it.
+    member = await add_member(db, "http://m:1", "m")
+    racing = GiveBackFirst(db)
+    gateway = racing.gateway = SharedSlots(racing, "gw")
+    await gateway.beat()
+    assert await gateway.take([member], is_waiter=False) == (member, 0)
+    gateway._db_started -= datetime.timedelta(minutes=1)
+    racing.slot = (member, 0)
+    await gateway.beat()
+    assert racing.slot is None  # the race took place
+    await _settled(gateway)
+    assert await holders(db, member) == [None]
