@@ -50,6 +50,9 @@ from proxy.usercache import UserFiguresCache
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_SECONDS = 2.0  # the request log's "is the database back?" query
+# The shared slots' leases: a take per waiting turn, give-backs, the heartbeat.
+LEASE_POOL_SIZE = 4
+LEASE_SESSION_SETTINGS = {"synchronous_commit": "off"}
 
 
 def make_app(config: ProxyConfig) -> web.Application:
@@ -184,9 +187,22 @@ async def token_limiter(app: web.Application) -> AsyncIterator[None]:
 
 
 async def shared_backends(app: web.Application) -> AsyncIterator[None]:
-    """The shared members (proxy/registry.py) and this gateway's leases on their slots."""
+    """The shared members (proxy/registry.py) and this gateway's leases on their slots.
+
+    The leases go through a small pool of their own whose commits do not wait for the
+    disk (LEASE_SESSION_SETTINGS): a take is on every shared request's path. What a
+    database crash can lose of them is restored by the heartbeat (proxy/sharedslots.py).
+    The registry and everything else stay on the synchronous pool.
+    """
     config, pool, backends = app[appkeys.CONFIG], app[appkeys.POOL], app[appkeys.BACKENDS]
-    slots = app[appkeys.SHARED_SLOTS] = SharedSlots(pool)
+    lease_pool = await store.create_pool(
+        config.dsn,
+        max_size=LEASE_POOL_SIZE,
+        command_timeout=config.db_command_timeout_seconds,
+        acquire_timeout=config.db_acquire_timeout_seconds,
+        server_settings=LEASE_SESSION_SETTINGS,
+    )
+    slots = app[appkeys.SHARED_SLOTS] = SharedSlots(lease_pool)
     backends.share_through(slots)
     registry = app[appkeys.REGISTRY] = Registry(
         pool, config.backend_secret, backends.update_members
@@ -197,6 +213,7 @@ async def shared_backends(app: web.Application) -> AsyncIterator[None]:
     await registry.close()
     # After the requests have drained: every slot still held goes back, at once.
     await slots.stop()
+    await lease_pool.close()
 
 
 async def listener(app: web.Application) -> AsyncIterator[None]:

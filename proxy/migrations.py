@@ -472,6 +472,62 @@ async def m011_take_slot_function(conn: asyncpg.Connection) -> None:
     )
 
 
+async def m012_take_slot_after_restart(conn: asyncpg.Connection) -> None:
+    # The leases commit asynchronously (proxy/app.py: the lease pool), so a PostgreSQL
+    # crash can lose the last ~0.6 s of them. A lost take shows a slot free that a live
+    # gateway still uses: for p_lease seconds after the server started, no slot is taken,
+    # which leaves its holder the time to write it back (proxy/sharedslots.py reconciles
+    # on the first heartbeat that sees the new start time). Only if a gateway was there
+    # before the start (its row is older), so a new cluster serves at once: a take needs
+    # a heartbeat first, and a gateway's first one commits synchronously. As m011 else.
+    await conn.execute(
+        """
+        CREATE OR REPLACE FUNCTION llamagate_take_slot(
+            p_gateway text, p_backends bigint[], p_lease double precision,
+            p_still_waiting boolean, OUT taken_backend bigint, OUT taken_slot integer)
+        LANGUAGE plpgsql SET plan_cache_mode = force_generic_plan AS $$
+        BEGIN
+            -- The grace after a restart: a take lost with the crash may be in use.
+            IF now() < pg_postmaster_start_time() + make_interval(secs => p_lease)
+               AND EXISTS (SELECT 1 FROM llama_gateways g
+                           WHERE g.last_seen < pg_postmaster_start_time()) THEN
+                RETURN;
+            END IF;
+            WITH me AS (
+                SELECT coalesce((SELECT g.waiting_since FROM llama_gateways g
+                                 WHERE g.gateway_id = p_gateway), now()) AS since
+            ), older_waiter AS (
+                SELECT 1 FROM llama_gateways g, me
+                WHERE g.gateway_id <> p_gateway AND g.waiting_since < me.since
+                  AND g.last_seen > now() - make_interval(secs => p_lease)
+                LIMIT 1
+            ), free AS (
+                SELECT s.backend_id, s.slot FROM llama_backend_slots s
+                WHERE s.backend_id = ANY(p_backends)
+                  AND NOT EXISTS (SELECT 1 FROM older_waiter)
+                  AND (s.gateway_id IS NULL OR NOT EXISTS (
+                      SELECT 1 FROM llama_gateways h
+                      WHERE h.gateway_id = s.gateway_id
+                        AND h.last_seen > now() - make_interval(secs => p_lease)))
+                ORDER BY s.last_used NULLS FIRST, s.backend_id, s.slot
+                LIMIT 1
+                FOR UPDATE OF s SKIP LOCKED
+            ), taken AS (
+                UPDATE llama_backend_slots s SET gateway_id = p_gateway, leased_at = now()
+                FROM free WHERE s.backend_id = free.backend_id AND s.slot = free.slot
+                RETURNING s.backend_id, s.slot
+            ), turn AS (
+                UPDATE llama_gateways g
+                SET waiting_since = CASE WHEN p_still_waiting THEN now() END
+                WHERE g.gateway_id = p_gateway AND EXISTS (SELECT 1 FROM taken)
+                  AND (g.waiting_since IS NOT NULL OR p_still_waiting)
+            )
+            SELECT t.backend_id, t.slot INTO taken_backend, taken_slot FROM taken t;
+        END $$;
+        """
+    )
+
+
 Migration = Callable[[asyncpg.Connection], Awaitable[None]]
 MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (1, m001_users_keys_requests),
@@ -485,6 +541,7 @@ MIGRATIONS: tuple[tuple[int, Migration], ...] = (
     (9, m009_token_charge_replays),
     (10, m010_shared_backends),
     (11, m011_take_slot_function),
+    (12, m012_take_slot_after_restart),
 )
 
 

@@ -10,6 +10,12 @@ Requests that wait for a shared slot are counted: the first marks the gateway as
 (its place in the cross-gateway line, see proxy/slotstore.py), the last one to leave
 without a slot clears it. A slot given back anywhere wakes the waiters through a
 notification on SLOTS_CHANNEL; a short poll (proxy/pool.py) covers one missed.
+
+The leases commit without waiting for the disk (proxy/app.py), so a PostgreSQL crash can
+lose the last ones. The heartbeat returns when the server started; when that changes,
+the gateway reconciles (proxy/slotstore.py): the slots it holds get its id back, those in
+its name it does not hold are freed. Meanwhile no gateway takes a slot (migration m012),
+and this one takes none until its reconcile is through.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -68,6 +75,13 @@ class SharedSlots:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._marking = asyncio.Lock()
         self._beating: asyncio.Task[None] | None = None
+        self.held: set[tuple[int, int]] = set()  # (backend id, slot) taken, not given back
+        self._db_started: datetime | None = None  # as the last heartbeat said
+        self._must_reconcile = False
+        self._is_reconciling = False
+        self._takes_in_flight = 0
+        self._no_take_in_flight = asyncio.Event()
+        self._no_take_in_flight.set()
 
     @property
     def is_usable(self) -> bool:
@@ -106,9 +120,17 @@ class SharedSlots:
             )
 
     async def beat(self) -> None:
-        """One heartbeat; then give back what could not be given back before."""
+        """One heartbeat; then give back what could not be given back before, and
+        reconcile the slots after a restart of the database."""
         try:
-            await slotstore.heartbeat(self.pool, self.gateway_id, self.host, self.waiters > 0)
+            # The first one durably: the grace after a restart looks for this row.
+            started = await slotstore.heartbeat(
+                self.pool,
+                self.gateway_id,
+                self.host,
+                self.waiters > 0,
+                is_durable=self._db_started is None,
+            )
         except store.UNAVAILABLE_ERRORS as error:
             if not self._has_warned and not self.is_usable:
                 self._has_warned = True
@@ -123,9 +145,47 @@ class SharedSlots:
             self._has_warned = False
             log.info("the database answers again: shared backends are back in use")
         self._last_beat = self.clock()
+        if self._db_started is not None and started != self._db_started:
+            self._must_reconcile = True
+        self._db_started = started
         unreturned, self._unreturned = self._unreturned, []
         for backend_id, slot, requests, errors in unreturned:
             await self._give_back(backend_id, slot, requests, errors)
+        if self._must_reconcile:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
+        """After a restart: the slot rows say again what this gateway holds."""
+        self._is_reconciling = True  # no take meanwhile: its slot would not be in `held`
+        try:
+            await self._no_take_in_flight.wait()
+            held = sorted(self.held)
+            done = await slotstore.reconcile(self.pool, self.gateway_id, held, self.lease_seconds)
+        except store.UNAVAILABLE_ERRORS:
+            return  # the next heartbeat tries again
+        finally:
+            self._is_reconciling = False
+        self._must_reconcile = False
+        for backend_id, slot in set(held) - self.held:
+            # Given back while the reconcile ran, which may have written it back after.
+            self.give_back(backend_id, slot, 0, 0)
+        log.warning(
+            "the database restarted: gateway %s reconciled its shared slots "
+            "(%d held, %d written back, %d not held freed)",
+            self.gateway_id,
+            len(self.held),
+            done.restored,
+            done.freed,
+        )
+        if done.taken_by_others:
+            log.error(
+                "shared slots %s (backend id/slot) that gateway %s still uses were taken "
+                "by another gateway during the database restart; they may run two "
+                "requests at once until this gateway's finish",
+                ", ".join(done.taken_by_others),
+                self.gateway_id,
+            )
+        self.on_free()
 
     async def _beat_forever(self) -> None:
         for count in itertools.count(1):
@@ -141,7 +201,7 @@ class SharedSlots:
 
     async def take(self, backend_ids: Sequence[int], is_waiter: bool) -> tuple[int, int] | None:
         """A free slot of one of these members, now this gateway's; None if none may be had."""
-        if not self.is_usable:
+        if not self.is_usable or self._is_reconciling:
             return None
         others_wait = self.waiters - is_waiter > 0
         taking = asyncio.ensure_future(
@@ -149,6 +209,9 @@ class SharedSlots:
                 self.pool, self.gateway_id, backend_ids, others_wait, self.lease_seconds
             )
         )
+        self._takes_in_flight += 1
+        self._no_take_in_flight.clear()
+        taking.add_done_callback(self._took)
         try:
             return await asyncio.shield(taking)
         except store.UNAVAILABLE_ERRORS:
@@ -159,6 +222,14 @@ class SharedSlots:
             taking.add_done_callback(self._give_back_orphan)
             raise
 
+    def _took(self, taking: asyncio.Future[tuple[int, int] | None]) -> None:
+        # Whether or not its request still waits for it (the orphan is given back next).
+        if not taking.cancelled() and taking.exception() is None and taking.result():
+            self.held.add(taking.result())
+        self._takes_in_flight -= 1
+        if not self._takes_in_flight:
+            self._no_take_in_flight.set()
+
     def _give_back_orphan(self, taking: asyncio.Future[tuple[int, int] | None]) -> None:
         if not taking.cancelled() and taking.exception() is None:
             taken = taking.result()
@@ -167,6 +238,7 @@ class SharedSlots:
 
     def give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
         """Give a slot back in the background (the answer is already on its way)."""
+        self.held.discard((backend_id, slot))
         self._spawn(self._give_back(backend_id, slot, requests, errors))
 
     async def _give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:

@@ -16,7 +16,9 @@ none left it clears the mark, or it would hold the others back until its row goe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -25,12 +27,15 @@ from proxy.migrations import SLOTS_CHANNEL
 # A holder not seen for this long has lost its slots (design: LEASE_SECONDS).
 LEASE_SECONDS = 5.0
 
+# Returns when the server started: a new start time means a restart, after which the
+# gateway reconciles (RECONCILE_SQL).
 HEARTBEAT_SQL = """
 INSERT INTO llama_gateways AS g (gateway_id, host, waiting_since)
 VALUES ($1, $2, CASE WHEN $3 THEN now() END)
 ON CONFLICT (gateway_id) DO UPDATE SET
     last_seen = now(),
     waiting_since = CASE WHEN $3 THEN coalesce(g.waiting_since, now()) END
+RETURNING pg_postmaster_start_time()
 """
 
 # The rule of the module docstring, in one statement: the function of migration m011
@@ -52,9 +57,77 @@ SELECT pg_notify($6, $1) FROM given
 """
 
 
-async def heartbeat(pool: asyncpg.Pool, gateway_id: str, host: str, is_waiting: bool) -> None:
-    """Say this gateway is alive (and whether requests of its own wait for a slot)."""
-    await pool.execute(HEARTBEAT_SQL, gateway_id, host, is_waiting)
+# After a restart the leases may have lost their last commits (they do not wait for the
+# disk, see proxy/app.py): the slots this gateway holds ($2, $3: backend ids and slot
+# numbers) get its id back if free, and those in its name it does not hold are freed.
+# Which were lost is written to the log. Committed synchronously: it is what repairs.
+RECONCILE_SQL = """
+WITH held AS (
+    SELECT * FROM unnest($2::bigint[], $3::integer[]) AS h (backend_id, slot)
+), freed AS (
+    UPDATE llama_backend_slots s SET gateway_id = NULL, leased_at = NULL
+    WHERE s.gateway_id = $1
+      AND NOT EXISTS (SELECT 1 FROM held h
+                      WHERE h.backend_id = s.backend_id AND h.slot = s.slot)
+    RETURNING s.backend_id, s.slot
+), restored AS (
+    UPDATE llama_backend_slots s SET gateway_id = $1, leased_at = now()
+    FROM held h
+    WHERE s.backend_id = h.backend_id AND s.slot = h.slot
+      AND (s.gateway_id IS NULL OR (s.gateway_id <> $1 AND NOT EXISTS (
+          SELECT 1 FROM llama_gateways g
+          WHERE g.gateway_id = s.gateway_id
+            AND g.last_seen > now() - make_interval(secs => $4))))
+    RETURNING s.backend_id, s.slot
+), lost AS (
+    SELECT h.backend_id, h.slot FROM held h JOIN llama_backend_slots s USING (backend_id, slot)
+    WHERE s.gateway_id IS DISTINCT FROM $1
+      AND NOT EXISTS (SELECT 1 FROM restored r
+                      WHERE r.backend_id = h.backend_id AND r.slot = h.slot)
+)
+SELECT (SELECT count(*) FROM freed) AS freed, (SELECT count(*) FROM restored) AS restored,
+       (SELECT array_agg(backend_id || '/' || slot) FROM lost) AS taken_by_others,
+       (SELECT pg_notify($5, $1) FROM freed LIMIT 1) AS notified
+"""
+
+
+async def heartbeat(
+    pool: asyncpg.Pool, gateway_id: str, host: str, is_waiting: bool, is_durable: bool = False
+) -> datetime:
+    """Say this gateway is alive (and whether requests of its own wait for a slot); return
+    when the server started. is_durable: the commit waits for the disk (the first one,
+    the row the grace after a restart looks for; see migration m012)."""
+    if not is_durable:
+        return await pool.fetchval(HEARTBEAT_SQL, gateway_id, host, is_waiting)
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = on")
+        return await conn.fetchval(HEARTBEAT_SQL, gateway_id, host, is_waiting)
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What a reconcile after a restart changed."""
+
+    freed: int  # in this gateway's name, not held: given back (a lost give-back)
+    restored: int  # held, but shown free: this gateway's again (a lost take)
+    taken_by_others: list[str]  # held, but another live gateway has it ("backend/slot")
+
+
+async def reconcile(
+    pool: asyncpg.Pool,
+    gateway_id: str,
+    held: Collection[tuple[int, int]],
+    lease_seconds: float = LEASE_SECONDS,
+) -> Reconciled:
+    """Make the slot rows say what this gateway holds (RECONCILE_SQL)."""
+    backend_ids = [backend_id for backend_id, _ in held]
+    slots = [slot for _, slot in held]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = on")
+        row = await conn.fetchrow(
+            RECONCILE_SQL, gateway_id, backend_ids, slots, lease_seconds, SLOTS_CHANNEL
+        )
+    return Reconciled(row["freed"], row["restored"], list(row["taken_by_others"] or []))
 
 
 async def take_slot(

@@ -107,8 +107,13 @@ async def create_pool(
     max_size: int = 10,
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT_SECONDS,
     acquire_timeout: float = DEFAULT_ACQUIRE_TIMEOUT_SECONDS,
+    server_settings: dict[str, str] | None = None,
 ) -> TimedPool:
-    """A pool, with the schema migrated; StoreError if the database is unreachable."""
+    """A pool, with the schema migrated; StoreError if the database is unreachable.
+
+    server_settings are set on each of its sessions (the shared slots' lease pool
+    commits asynchronously, see proxy/sharedslots.py).
+    """
     try:
         # min_size 0: asyncpg would otherwise log a traceback every few seconds while
         # it fails to restore its floor of connections during a database outage.
@@ -119,6 +124,7 @@ async def create_pool(
             timeout=CONNECT_TIMEOUT_SECONDS,
             command_timeout=command_timeout,
             reset=keep_session,
+            server_settings=server_settings,
         )
     except (*UNAVAILABLE_ERRORS, asyncpg.PostgresError) as error:
         raise unreachable(dsn, error) from None

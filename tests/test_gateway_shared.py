@@ -304,3 +304,11 @@ async def test_a_member_that_now_serves_another_model_is_refused_and_takes_nothi
         "gateway B to drop it",
     )
     assert second.app[appkeys.QUEUE]._concurrency == 1
+
+
+async def test_only_the_leases_commit_without_waiting_for_the_disk(start_gateway):
+    gateway = await shared_gateway(start_gateway)
+    lease_pool = gateway.app[appkeys.SHARED_SLOTS].pool
+    assert await lease_pool.fetchval("SHOW synchronous_commit") == "off"
+    # The request log, token charges, users and the registry: synchronous, lose nothing.
+    assert await gateway.app[appkeys.POOL].fetchval("SHOW synchronous_commit") == "on"

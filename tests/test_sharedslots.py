@@ -6,6 +6,8 @@ requests that wait. The outage is a switch in front of the real pool (logic only
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
 
 import pytest
 from gatewayhelpers import wait_until
@@ -166,3 +168,129 @@ async def test_a_waiting_mark_that_lands_after_the_take_that_cleared_it_is_clear
     slow.go.set()
     await _settled(slots)
     assert await waiting_since(db, "gw") is None
+
+
+class HeldTake:
+    """The real pool, whose take (fetchrow) is committed but answered only on `go`."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.committed = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def fetchrow(self, *args):
+        row = await self.pool.fetchrow(*args)
+        self.committed.set()
+        await self.go.wait()
+        return row
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+async def test_a_reconcile_waits_for_a_take_in_flight_and_counts_its_slot_held(db):
+    # No restart here: the heartbeat is told of an older start time (logic only).
+    member = await add_member(db, "http://m:1", "m")
+    held_take = HeldTake(db)
+    gateway = SharedSlots(held_take, "gw")
+    await gateway.beat()
+    gateway._db_started -= datetime.timedelta(minutes=1)
+    taking = asyncio.ensure_future(gateway.take([member], is_waiter=False))
+    await held_take.committed.wait()  # in the database, not yet in gateway.held
+    beating = asyncio.ensure_future(gateway.beat())
+    await wait_until(lambda: gateway._is_reconciling, "the reconcile under way")
+    assert await gateway.take([member], is_waiter=False) is None  # none during it
+    held_take.go.set()
+    assert await taking == (member, 0)
+    await beating
+    assert not gateway._must_reconcile
+    assert await holders(db, member) == ["gw"]
+
+
+async def test_the_first_heartbeat_sees_no_restart_and_a_new_start_time_is_one(db):
+    gateway = SharedSlots(db, "gw")
+    await gateway.beat()
+    await gateway.beat()
+    assert gateway._db_started is not None and not gateway._must_reconcile
+    gateway._db_started -= datetime.timedelta(seconds=1)
+    await gateway.beat()
+    assert gateway._db_started == await db.fetchval("SELECT pg_postmaster_start_time()")
+    assert not gateway._must_reconcile  # reconciled in that beat
+
+
+class RecordingConnection:
+    def __init__(self, conn, statements: list[str]) -> None:
+        self.conn = conn
+        self.statements = statements
+
+    async def execute(self, query, *args):
+        self.statements.append(query)
+        return await self.conn.execute(query, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
+class RecordingPool:
+    """The real pool; records the statements run on the connections it lends."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.statements: list[str] = []
+
+    @contextlib.asynccontextmanager
+    async def acquire(self):
+        async with self.pool.acquire() as conn:
+            yield RecordingConnection(conn, self.statements)
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+async def test_only_the_first_heartbeat_waits_for_the_disk(db):
+    # The grace after a restart (migration m012) needs the row of every gateway that may
+    # hold a slot: its first heartbeat, before any take, must survive a crash.
+    recording = RecordingPool(db)
+    gateway = SharedSlots(recording, "gw")
+    await gateway.beat()
+    assert recording.statements == ["SET LOCAL synchronous_commit = on"]
+    await gateway.beat()
+    assert recording.statements == ["SET LOCAL synchronous_commit = on"]
+
+
+class GiveBackFirst:
+    """The real pool; the first connection the reconcile asks for is lent only after
+    `gateway` has given back `slot` and its give-back has committed."""
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.gateway: SharedSlots | None = None
+        self.slot: tuple[int, int] | None = None
+
+    @contextlib.asynccontextmanager
+    async def acquire(self):
+        if self.gateway is not None and self.gateway._is_reconciling and self.slot:
+            slot, self.slot = self.slot, None
+            self.gateway.give_back(*slot, 1, 0)
+            await _settled(self.gateway)
+        async with self.pool.acquire() as conn:
+            yield conn
+
+    def __getattr__(self, name):
+        return getattr(self.pool, name)
+
+
+async def test_a_slot_given_back_while_the_reconcile_runs_is_not_left_held(db):
+    # The reconcile saw the slot held, the give-back committed before it: it wrote the
+    # slot back in the gateway's name, which no longer uses it.
+    member = await add_member(db, "http://m:1", "m")
+    racing = GiveBackFirst(db)
+    gateway = racing.gateway = SharedSlots(racing, "gw")
+    await gateway.beat()
+    assert await gateway.take([member], is_waiter=False) == (member, 0)
+    gateway._db_started -= datetime.timedelta(minutes=1)
+    racing.slot = (member, 0)
+    await gateway.beat()
+    assert racing.slot is None  # the race took place
+    await _settled(gateway)
+    assert await holders(db, member) == [None]

@@ -101,6 +101,6 @@ def two_gateway_report(figures: TwoGatewayFigures) -> tuple[list, str]:
         f"overlaps are counted by the members themselves; the latency rows alternate one "
         f"client's requests between a fast canned upstream as a shared member and as "
         f"another gateway's local replica; PostgreSQL as the console runs it (fsync and "
-        f"synchronous commit on: each take waits for a WAL flush)"
+        f"synchronous commit on; the gateways' leases commit asynchronously)"
     )
     return sharedfigures.twogateway_rows(figures), note
