@@ -16,6 +16,10 @@ of llama_backends (proxy/registry.py), whose slots every gateway on the database
 A turn takes a local free slot first, with no database round trip; only when none is
 free does it lease a shared slot (proxy/sharedslots.py), or wait for one. A drained,
 refused or removed member takes nothing new; the requests it runs finish.
+
+A shared slot whose request has ended stays this gateway's, idle, while nothing waits for
+it here or elsewhere (proxy/sharedslots.py): the next turn that finds no local slot takes
+such a kept slot first, of the least recently used member, with no round trip.
 """
 
 from __future__ import annotations
@@ -94,6 +98,10 @@ class Lease:
     slot: int = -1  # the shared slot's number; -1 on a local replica
 
 
+def _last_used(backend: Backend) -> int:
+    return backend.last_used
+
+
 class BackendPool:
     """The backends behind this gateway, each with `slots` requests at a time."""
 
@@ -150,10 +158,13 @@ class BackendPool:
             if backend.is_draining != (member.state != "active"):
                 log.info("shared backend %s is %s", member.name, member.state)
             backend.is_draining = member.state != "active"
+            if backend.is_draining:
+                self._give_back_kept(backend)
             current[member.member_id] = backend
         for member_id, gone in self.members.items():
             if member_id not in current:
                 gone.is_draining = True  # its in-flight requests still hold it
+                self._give_back_kept(gone)
                 log.info("shared backend %s left the pool", gone.label)
         self.members = current
         self.backends = self.local + tuple(current.values())
@@ -222,11 +233,13 @@ class BackendPool:
                     return self._lease(local)
                 candidates = [
                     backend.member_id
-                    for backend in self.members.values()
+                    for backend in sorted(self.members.values(), key=_last_used)
                     if backend.index not in tried and backend.is_up and not backend.is_draining
                 ]
                 if candidates:
-                    taken = await self.shared.take(candidates, is_waiting)
+                    taken = self.shared.take_kept(candidates) or await self.shared.take(
+                        candidates, is_waiting
+                    )
                     if taken is not None:
                         lease = self._lease_shared(*taken)
                         if lease is not None:
@@ -257,6 +270,10 @@ class BackendPool:
             return None
         return self._lease(backend, slot)
 
+    def _give_back_kept(self, backend: Backend) -> None:
+        if self.shared is not None and backend.member_id is not None:
+            self.shared.give_back_kept(backend.member_id)
+
     def _may_have_shared(self, tried: Collection[int]) -> bool:
         # A member that is down or drained may come back; one tried already may not.
         return any(backend.index not in tried for backend in self.members.values())
@@ -278,12 +295,16 @@ class BackendPool:
         if is_failed:
             backend.errors += 1
         if lease.slot >= 0 and self.shared is not None and backend.member_id is not None:
-            self.shared.give_back(backend.member_id, lease.slot, 1, int(is_failed))
+            if self.shared.may_keep and backend.is_up and not backend.is_draining and not is_failed:
+                self.shared.keep(backend.member_id, lease.slot, 1, 0)
+            else:
+                self.shared.give_back(backend.member_id, lease.slot, 1, int(is_failed))
         self._wake_waiters()
 
     def mark_down(self, backend: Backend, problem: str) -> None:
         """Take a backend out of the pool until a probe finds it answering."""
         backend.problem = problem
+        self._give_back_kept(backend)
         if backend.is_up:
             backend.is_up = False
             log.warning("backend %s is down: %s", backend.label, problem)

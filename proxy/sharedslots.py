@@ -16,6 +16,16 @@ lose the last ones. The heartbeat returns when the server started; when that cha
 the gateway reconciles (proxy/slotstore.py): the slots it holds get its id back, those in
 its name it does not hold are freed. Meanwhile no gateway takes a slot (migration m012),
 and this one takes none until its reconcile is through.
+
+A slot whose request has ended is kept, idle, for this gateway's next turn when none of
+its own requests waits and no other gateway does (as an HTTP client keeps a connection
+alive): the next turn uses it with no round trip, and its figures are written in the
+background. It stays this gateway's lease in the database, kept alive by the heartbeat and
+counted as held by the reconcile. It is given back (the normal give-back) once idle for
+KEEP_IDLE_SECONDS (checked at each heartbeat, so within 1-2 s), at once when another
+gateway starts waiting (its notification 'wait:<id>' on SLOTS_CHANNEL, or a heartbeat
+that finds a live gateway waiting), when its member is drained, refused, removed or down,
+when the heartbeat fails, and at shutdown.
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ USABLE_FOR_SECONDS = 3.0
 # Rows of gateways gone this long are deleted, every so many heartbeats.
 FORGET_GONE_AFTER_SECONDS = 3600.0
 FORGET_EVERY_BEATS = 600
+KEEP_IDLE_SECONDS = 1.0  # a kept slot idle this long goes back to the other gateways
+WAIT_PREFIX = "wait:"  # SLOTS_CHANNEL payload of a gateway that starts waiting
 
 GiveBack = tuple[int, int, int, int]  # backend id, slot, requests, errors
 
@@ -58,6 +70,7 @@ class SharedSlots:
         lease_seconds: float = slotstore.LEASE_SECONDS,
         heartbeat_seconds: float = HEARTBEAT_SECONDS,
         usable_for: float = USABLE_FOR_SECONDS,
+        keep_idle_seconds: float = KEEP_IDLE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
@@ -66,16 +79,20 @@ class SharedSlots:
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self.usable_for = usable_for
+        self.keep_idle_seconds = keep_idle_seconds
         self.clock = clock
         self.on_free: Callable[[], None] = lambda: None  # the pool wakes its waiters
         self.waiters = 0
         self._last_beat = float("-inf")
         self._has_warned = False
         self._unreturned: list[GiveBack] = []
+        self._unrecorded: list[GiveBack] = []  # figures of kept slots not yet written
         self._tasks: set[asyncio.Task[Any]] = set()
         self._marking = asyncio.Lock()
         self._beating: asyncio.Task[None] | None = None
         self.held: set[tuple[int, int]] = set()  # (backend id, slot) taken, not given back
+        self.kept: dict[tuple[int, int], float] = {}  # held, idle, for the next turn: since
+        self.others_wait = False  # another live gateway waits for a slot: keep none
         self._db_started: datetime | None = None  # as the last heartbeat said
         self._must_reconcile = False
         self._is_reconciling = False
@@ -88,14 +105,29 @@ class SharedSlots:
         """Whether a heartbeat went through lately: only then may a slot be taken."""
         return self.clock() - self._last_beat < self.usable_for
 
+    @property
+    def may_keep(self) -> bool:
+        """Whether a slot whose request ended may stay this gateway's for its next turn."""
+        return (
+            self.is_usable and not self.waiters and not self.others_wait
+            and not self._is_reconciling
+        )  # fmt: skip
+
     def subscription(self) -> Subscription:
         """Slots given back anywhere: the waiters look again at once."""
         return Subscription(
             channel=SLOTS_CHANNEL,
-            on_notify=lambda _payload: self.on_free(),
+            on_notify=self._on_notify,
             on_listening=lambda: self.on_free(),
             on_lost=lambda: None,
         )
+
+    def _on_notify(self, payload: str) -> None:
+        if not payload.startswith(WAIT_PREFIX):
+            self.on_free()
+        elif payload != WAIT_PREFIX + self.gateway_id:
+            self.others_wait = True  # until a heartbeat finds no live gateway waiting
+            self.give_back_kept()
 
     async def start(self) -> None:
         await self.beat()
@@ -111,6 +143,7 @@ class SharedSlots:
             with contextlib.suppress(Exception):
                 await task
         try:
+            self.kept.clear()
             await slotstore.give_back_all(self.pool, self.gateway_id)
         except store.UNAVAILABLE_ERRORS as error:
             log.warning(
@@ -140,6 +173,8 @@ class SharedSlots:
                     self.gateway_id,
                     type(error).__name__,
                 )
+            if not self.is_usable:
+                self.give_back_kept()  # unusable: retried by the first heartbeat through
             return
         if self._has_warned:
             self._has_warned = False
@@ -151,8 +186,21 @@ class SharedSlots:
         unreturned, self._unreturned = self._unreturned, []
         for backend_id, slot, requests, errors in unreturned:
             await self._give_back(backend_id, slot, requests, errors)
+        unrecorded, self._unrecorded = self._unrecorded, []
+        for backend_id, slot, requests, errors in unrecorded:
+            await self._record_use(backend_id, slot, requests, errors)
         if self._must_reconcile:
             await self._reconcile()
+        await self._give_back_idle()
+
+    async def _give_back_idle(self) -> None:
+        """Kept slots idle long enough go back; all of them if another gateway waits."""
+        if self.kept or self.others_wait:
+            with contextlib.suppress(*store.UNAVAILABLE_ERRORS):
+                self.others_wait = await slotstore.others_wait(
+                    self.pool, self.gateway_id, self.lease_seconds
+                )
+        self.give_back_kept(idle_for=0.0 if self.others_wait else self.keep_idle_seconds)
 
     async def _reconcile(self) -> None:
         """After a restart: the slot rows say again what this gateway holds."""
@@ -166,6 +214,7 @@ class SharedSlots:
         finally:
             self._is_reconciling = False
         self._must_reconcile = False
+        self.give_back_kept()  # another gateway may have taken one during the restart
         for backend_id, slot in set(held) - self.held:
             # Given back while the reconcile ran, which may have written it back after.
             self.give_back(backend_id, slot, 0, 0)
@@ -236,9 +285,40 @@ class SharedSlots:
             if taken is not None:
                 self.give_back(*taken, 0, 0)
 
+    def keep(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
+        """Keep a slot whose request ended for the next turn; write its figures meanwhile."""
+        self.kept[(backend_id, slot)] = self.clock()
+        self._spawn(self._record_use(backend_id, slot, requests, errors))
+
+    async def _record_use(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
+        try:
+            await slotstore.record_use(self.pool, backend_id, slot, requests, errors)
+        except store.UNAVAILABLE_ERRORS:
+            self._unrecorded.append((backend_id, slot, requests, errors))
+
+    def take_kept(self, backend_ids: Sequence[int]) -> tuple[int, int] | None:
+        """A kept slot of the first of these members that has one, with no round trip."""
+        if not self.kept or not self.is_usable or self._is_reconciling:
+            return None
+        for backend_id in backend_ids:
+            for kept in self.kept:
+                if kept[0] == backend_id:
+                    del self.kept[kept]
+                    return kept
+        return None
+
+    def give_back_kept(self, backend_id: int | None = None, idle_for: float = 0.0) -> None:
+        """Give back the kept slots (of one member only; idle for at least idle_for)."""
+        now = self.clock()
+        for (member_id, slot), since in list(self.kept.items()):
+            if backend_id in (None, member_id) and now - since >= idle_for:
+                del self.kept[(member_id, slot)]
+                self.give_back(member_id, slot, 0, 0)
+
     def give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:
         """Give a slot back in the background (the answer is already on its way)."""
         self.held.discard((backend_id, slot))
+        self.kept.pop((backend_id, slot), None)
         self._spawn(self._give_back(backend_id, slot, requests, errors))
 
     async def _give_back(self, backend_id: int, slot: int, requests: int, errors: int) -> None:

@@ -150,6 +150,30 @@ async def give_back(
     await pool.execute(GIVE_BACK_SQL, gateway_id, backend_id, slot, requests, errors, SLOTS_CHANNEL)
 
 
+async def record_use(
+    pool: asyncpg.Pool, backend_id: int, slot: int, requests: int, errors: int
+) -> None:
+    """Count a slot's figures without freeing it (a slot kept for the next turn)."""
+    await pool.execute(
+        "UPDATE llama_backend_slots SET last_used = now(), requests = requests + $3, "
+        "errors = errors + $4 WHERE backend_id = $1 AND slot = $2",
+        backend_id,
+        slot,
+        requests,
+        errors,
+    )
+
+
+async def others_wait(pool: asyncpg.Pool, gateway_id: str, lease_seconds: float) -> bool:
+    """Whether another live gateway has requests waiting for a slot."""
+    return await pool.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM llama_gateways WHERE gateway_id <> $1 "
+        "AND waiting_since IS NOT NULL AND last_seen > now() - make_interval(secs => $2))",
+        gateway_id,
+        lease_seconds,
+    )
+
+
 async def give_back_all(pool: asyncpg.Pool, gateway_id: str) -> None:
     """At shutdown: free every slot this gateway holds and forget the gateway."""
     async with pool.acquire() as conn, conn.transaction():
@@ -175,10 +199,15 @@ async def forget_gone_gateways(pool: asyncpg.Pool, after_seconds: float) -> None
 
 
 async def set_waiting(pool: asyncpg.Pool, gateway_id: str, is_waiting: bool) -> None:
-    """Mark that requests of this gateway wait for a slot (kept if already set), or none do."""
+    """Mark that requests of this gateway wait for a slot (kept if already set), or none do.
+
+    Marking it also tells the gateways (SLOTS_CHANNEL, 'wait:<id>'): those that keep idle
+    slots for their next turn give them back at once."""
     await pool.execute(
-        "UPDATE llama_gateways SET waiting_since = "
-        "CASE WHEN $2 THEN coalesce(waiting_since, now()) END WHERE gateway_id = $1",
+        "WITH marked AS (UPDATE llama_gateways SET waiting_since = "
+        "CASE WHEN $2 THEN coalesce(waiting_since, now()) END WHERE gateway_id = $1 "
+        "RETURNING gateway_id) SELECT pg_notify($3, 'wait:' || $1) FROM marked WHERE $2",
         gateway_id,
         is_waiting,
+        SLOTS_CHANNEL,
     )

@@ -312,3 +312,63 @@ async def test_only_the_leases_commit_without_waiting_for_the_disk(start_gateway
     assert await lease_pool.fetchval("SHOW synchronous_commit") == "off"
     # The request log, token charges, users and the registry: synchronous, lose nothing.
     assert await gateway.app[appkeys.POOL].fetchval("SHOW synchronous_commit") == "on"
+
+
+async def _one_gateway_with_a_member(start_gateway, db, aiohttp_server):
+    member = CountingUpstream(0.0)
+    member_id = await add_member(db, url_of(await aiohttp_server(member.make_app())), "gpu")
+    gateway = await shared_gateway(start_gateway)
+    await wait_until(lambda: gateway.app[appkeys.BACKENDS].members, "the member")
+    return gateway, member_id
+
+
+async def test_back_to_back_requests_on_one_gateway_take_the_shared_slot_once(
+    start_gateway, db, aiohttp_server, monkeypatch
+):
+    takes = []
+
+    async def counted_take(*args, **kwargs):
+        takes.append(args[2])
+        return await take_slot(*args, **kwargs)
+
+    take_slot = slotstore.take_slot
+    monkeypatch.setattr(slotstore, "take_slot", counted_take)
+    gateway, member_id = await _one_gateway_with_a_member(start_gateway, db, aiohttp_server)
+    gateway.app[appkeys.SHARED_SLOTS].keep_idle_seconds = 60.0  # no heartbeat gives it back
+    key = await add_user(db, "alice")
+    for _ in range(5):
+        assert (await post_chat(gateway, key)).status == 200
+    assert takes == [[member_id]]  # then kept: no round trip for the next four
+    gateway_id = gateway.app[appkeys.SHARED_SLOTS].gateway_id
+    assert await holders(db, member_id) == [gateway_id]
+
+    async def figures_written():
+        return await db.fetchval("SELECT requests FROM llama_backend_slots") == 5
+
+    await wait_until(figures_written, "the figures of the five requests")
+
+
+async def test_a_gateway_that_starts_waiting_gets_a_slot_kept_by_another_at_once(
+    start_gateway, db, aiohttp_server
+):
+    keeper, member_id = await _one_gateway_with_a_member(start_gateway, db, aiohttp_server)
+    keeper.app[appkeys.SHARED_SLOTS].keep_idle_seconds = 60.0
+    other = await shared_gateway(start_gateway)
+    await wait_until(lambda: other.app[appkeys.BACKENDS].members, "the member")
+    key = await add_user(db, "alice")
+    assert (await post_chat(keeper, key)).status == 200
+    assert await holders(db, member_id) == [keeper.app[appkeys.SHARED_SLOTS].gateway_id]
+    started = time.monotonic()
+    assert (await post_chat(other, key)).status == 200
+    # Its 'wait' notification, not the keeper's next heartbeat (up to 1 s), frees it.
+    assert time.monotonic() - started < 0.3
+
+
+async def test_a_drained_member_gets_its_kept_slot_back_at_once(start_gateway, db, aiohttp_server):
+    gateway, member_id = await _one_gateway_with_a_member(start_gateway, db, aiohttp_server)
+    gateway.app[appkeys.SHARED_SLOTS].keep_idle_seconds = 60.0
+    assert (await post_chat(gateway, await add_user(db, "alice"))).status == 200
+    assert await holders(db, member_id) == [gateway.app[appkeys.SHARED_SLOTS].gateway_id]
+    await db.execute("UPDATE llama_backends SET state = 'draining' WHERE id = $1", member_id)
+    await wait_until(_all_free(db, member_id), "the kept slot given back", timeout=5)
+    assert not gateway.app[appkeys.SHARED_SLOTS].kept

@@ -152,6 +152,13 @@ class FakeSharedSlots:
         self.given_back: list[tuple[int, int, int, int]] = []
         self.waiters = 0
         self.on_free = lambda: None
+        self.may_keep = False  # keeping slots is proxy/sharedslots.py's, tested there
+
+    def take_kept(self, backend_ids):
+        return None
+
+    def give_back_kept(self, backend_id=None, idle_for=0.0):
+        pass
 
     async def take(self, backend_ids, is_waiter):
         self.takes.append(list(backend_ids))

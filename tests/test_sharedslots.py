@@ -294,3 +294,63 @@ async def test_a_slot_given_back_while_the_reconcile_runs_is_not_left_held(db):
     assert racing.slot is None  # the race took place
     await _settled(gateway)
     assert await holders(db, member) == [None]
+
+
+async def _kept_after_one_request(db, slots: SharedSlots, member: int) -> None:
+    await slots.beat()
+    assert await slots.take([member], is_waiter=False) == (member, 0)
+    slots.keep(member, 0, 1, 0)
+    await _settled(slots)
+
+
+async def test_a_kept_slot_is_used_with_no_round_trip_and_given_back_after_the_idle_time(db):
+    member = await add_member(db, "http://m:1", "m")
+    clock = Clock()
+    slots = SharedSlots(db, "gw", clock=clock)
+    await _kept_after_one_request(db, slots, member)
+    assert await holders(db, member) == ["gw"]  # kept: still this gateway's lease
+    assert await db.fetchval("SELECT requests FROM llama_backend_slots") == 1  # figures written
+    assert slots.take_kept([member]) == (member, 0)
+    slots.keep(member, 0, 1, 0)
+    clock.now += slots.keep_idle_seconds / 2
+    await slots.beat()
+    assert await holders(db, member) == ["gw"]  # not idle long enough yet
+    clock.now += slots.keep_idle_seconds / 2
+    await slots.beat()
+    await _settled(slots)
+    assert await holders(db, member) == [None] and not slots.kept and not slots.held
+    assert await db.fetchval("SELECT requests FROM llama_backend_slots") == 2
+
+
+async def test_a_kept_slot_is_given_back_when_a_heartbeat_finds_another_gateway_waiting(db):
+    member = await add_member(db, "http://m:1", "m")
+    slots = SharedSlots(db, "gw")
+    await _kept_after_one_request(db, slots, member)
+    other = SharedSlots(db, "other")
+    other.waiters = 1  # its heartbeat says it waits
+    await other.beat()
+    assert not slots.others_wait
+    await slots.beat()
+    await _settled(slots)
+    assert slots.others_wait and not slots.may_keep
+    assert await holders(db, member) == [None]
+    other.waiters = 0
+    await other.beat()
+    await slots.beat()
+    assert not slots.others_wait and slots.may_keep
+
+
+async def test_a_kept_slot_is_given_back_once_heartbeats_fail_and_not_used_meanwhile(db):
+    member = await add_member(db, "http://m:1", "m")
+    switch, clock = Switch(db), Clock()
+    slots = SharedSlots(switch, "gw", clock=clock)
+    await _kept_after_one_request(db, slots, member)
+    switch.is_down = True
+    clock.now += slots.usable_for
+    await slots.beat()
+    await _settled(slots)
+    assert slots.take_kept([member]) is None and not slots.kept
+    switch.is_down = False
+    assert await holders(db, member) == ["gw"]  # could not be given back while down
+    await slots.beat()
+    assert await holders(db, member) == [None]
