@@ -214,10 +214,12 @@ class SharedSlots:
         finally:
             self._is_reconciling = False
         self._must_reconcile = False
-        self.give_back_kept()  # another gateway may have taken one during the restart
         for backend_id, slot in set(held) - self.held:
             # Given back while the reconcile ran, which may have written it back after.
             self.give_back(backend_id, slot, 0, 0)
+        # After that loop, or a kept slot would be given back twice (the second time,
+        # maybe after this gateway took it again). Another gateway may have taken it.
+        self.give_back_kept()
         log.warning(
             "the database restarted: gateway %s reconciled its shared slots "
             "(%d held, %d written back, %d not held freed)",
