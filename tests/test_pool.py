@@ -253,3 +253,17 @@ async def test_a_slot_given_back_while_the_take_runs_is_taken_at_once_not_at_the
     lease = await asyncio.wait_for(pool.acquire(), 10)
     assert (lease.backend.member_id, lease.slot) == (7, 0)
     assert len(shared.takes) == 2 and shared.waiters == 0
+
+
+@pytest.mark.asyncio
+async def test_kept_slots_of_a_member_go_back_when_it_is_refused_removed_or_down():
+    pool = BackendPool((), slots=1)
+    shared = FakeSharedSlots({})
+    given_back_kept = []
+    shared.give_back_kept = lambda backend_id=None, idle_for=0.0: given_back_kept.append(backend_id)
+    pool.share_through(shared)
+    pool.update_members([member(1), member(2), member(3)])
+    assert given_back_kept == []
+    pool.update_members([member(1, "refused"), member(3)])  # member 2 removed
+    pool.mark_down(pool.members[3], "ClientConnectorError from its health probe")
+    assert given_back_kept == [1, 2, 3]
